@@ -1,0 +1,111 @@
+"""Gradient blocks: one layer's share of the per-sample Jacobian, kept as factors.
+
+A block covers some parameters of one layer and knows three things about the
+per-sample gradients g_i (i = 1 … B) of those parameters without the engine
+having to know the layer type:
+
+- ``gram()``: the (B, B) float64 matrix ⟨g_i, g_j⟩;
+- ``weighted_sum(c)``: Σ_i c_i g_i, one tensor per parameter (the update Mᵀc);
+- ``per_sample()``: the g_i themselves, (B, *param.shape) per parameter.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+
+class GradientBlock(ABC):
+    """The per-sample gradients of ``params`` in factored form."""
+
+    params: tuple[Tensor, ...]
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """(B, B) float64: ⟨g_i, g_j⟩ summed over this block's parameters."""
+
+    @abstractmethod
+    def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
+        """Σ_i coeffs_i · g_i for coeffs (B,); one tensor shaped like each parameter."""
+
+    @abstractmethod
+    def per_sample(self) -> list[Tensor]:
+        """g_i for every sample: one tensor (B, *param.shape) per parameter."""
+
+
+class MaterializedBlock(GradientBlock):
+    """Per-sample gradients held explicitly (cheap layers, fallback, repeated calls)."""
+
+    def __init__(self, params: tuple[Tensor, ...], grads: list[Tensor]) -> None:
+        self.params = params
+        self.grads = grads
+
+    def gram(self) -> Tensor:
+        batch = self.grads[0].shape[0]
+        flat = torch.cat([g.reshape(batch, -1) for g in self.grads], dim=1).to(torch.float64)
+        return flat @ flat.T
+
+    def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
+        return [torch.tensordot(coeffs.to(g.dtype), g, dims=1) for g in self.grads]
+
+    def per_sample(self) -> list[Tensor]:
+        return self.grads
+
+
+class OuterProductBlock(GradientBlock):
+    """Weight gradients Σ_t b_t a_tᵀ (Linear, unfolded Conv) and bias gradients Σ_t b_t.
+
+    ``activations`` (B, T, d_in) and ``backprops`` (B, T, d_out); T = 1 for a plain
+    Linear on (B, d_in). The weight is any tensor of d_out · d_in entries laid out
+    as (d_out, d_in) in memory.
+
+    The Gram matrix takes the cheaper of two forms (as in mixed ghost clipping):
+    the ghost form Σ_{t,s} (a_it·a_js)(b_it·b_js), costing (B·T)²·(d_in + d_out),
+    or the materialised per-sample gradients, costing B·T·d_in·d_out + B²·d_in·d_out.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, activations: Tensor, backprops: Tensor) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.params = (weight,) if bias is None else (weight, bias)
+        self.activations = activations
+        self.backprops = backprops
+
+    def _ghost_is_cheaper(self) -> bool:
+        batch, tokens, d_in = self.activations.shape
+        d_out = self.backprops.shape[-1]
+        ghost = (batch * tokens) ** 2 * (d_in + d_out)
+        materialised = batch * tokens * d_in * d_out + batch**2 * d_in * d_out
+        return ghost <= materialised
+
+    def gram(self) -> Tensor:
+        batch, tokens, _ = self.activations.shape
+        if not self._ghost_is_cheaper():
+            return MaterializedBlock(self.params, self.per_sample()).gram()
+        acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
+        grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
+        grad_gram = grads @ grads.T
+        gram = (acts @ acts.T) * grad_gram
+        if self.bias is not None:
+            gram = gram + grad_gram
+        if tokens > 1:
+            gram = gram.view(batch, tokens, batch, tokens).sum(dim=(1, 3))
+        return gram
+
+    def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
+        batch, tokens, d_in = self.activations.shape
+        weighted = (self.backprops * coeffs.to(self.backprops.dtype).view(batch, 1, 1)).reshape(batch * tokens, -1)
+        sums = [(weighted.T @ self.activations.reshape(batch * tokens, d_in)).view_as(self.weight)]
+        if self.bias is not None:
+            sums.append(weighted.sum(dim=0).view_as(self.bias))
+        return sums
+
+    def per_sample(self) -> list[Tensor]:
+        batch = self.activations.shape[0]
+        weight = torch.einsum("bto,bti->boi", self.backprops, self.activations)
+        grads = [weight.reshape(batch, *self.weight.shape)]
+        if self.bias is not None:
+            grads.append(self.backprops.sum(dim=1).reshape(batch, *self.bias.shape))
+        return grads

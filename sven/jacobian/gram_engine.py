@@ -1,0 +1,199 @@
+"""The Gram ("ghost") engine: J Jᵀ and Jᵀc from layer activations and backprops.
+
+One batched forward with hooks keeps each hooked layer's input; one
+``autograd.grad`` of Σ_i l_i with respect to zero "probes" added to the layers'
+outputs gives every layer's per-sample output gradients (row i depends on
+sample i only, since samples do not interact). No parameter gradient is
+computed and no (B, P) tensor is formed: each layer's share of J stays in
+factored form (``sven.jacobian.blocks``). Layers without a registered rule are
+handled exactly by the functorch engine, restricted to their parameters.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from sven.jacobian.blocks import GradientBlock, MaterializedBlock
+from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
+from sven.jacobian.functorch_engine import LossFn, per_sample_loss_grads
+from sven.jacobian.layers import rule_for
+from sven.jacobian.operator import JacobianOperator
+from sven.jacobian.params import ParamSpace
+
+
+@dataclass
+class _Call:
+    activations: Tensor
+    version: int
+    probe: Tensor
+
+
+@dataclass
+class _HookedLayer:
+    name: str
+    module: nn.Module
+    calls: list[_Call] = field(default_factory=list)
+
+
+class GramJacobian(JacobianOperator):
+    """The per-sample loss Jacobian (B, P) held as per-layer gradient blocks."""
+
+    def __init__(self, blocks: list[GradientBlock], params: ParamSpace, batch_size: int) -> None:
+        self.blocks = blocks
+        self.params = params
+        self.shape = (batch_size, params.size)
+        self.dtype = params.tensors[0].dtype
+        self.device = params.tensors[0].device
+        self._position = {id(p): i for i, p in enumerate(params.tensors)}
+        self._gram: Tensor | None = None
+
+    def gram(self) -> Tensor:
+        if self._gram is None:
+            gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+            for block in self.blocks:
+                gram += block.gram()
+            self._gram = gram
+        return self._gram
+
+    def _assemble(self, per_block: list[list[Tensor]], leading: tuple[int, ...]) -> Tensor:
+        pieces: list[Tensor | None] = [None] * len(self.params.tensors)
+        for block, tensors in zip(self.blocks, per_block):
+            for param, tensor in zip(block.params, tensors):
+                pieces[self._position[id(param)]] = tensor
+        filled = [
+            torch.zeros(*leading, *p.shape, dtype=self.dtype, device=self.device) if t is None else t
+            for t, p in zip(pieces, self.params.tensors)
+        ]
+        return self.params.flatten(filled, leading=leading)
+
+    def rmatmul(self, u: Tensor) -> Tensor:
+        u = u.to(self.dtype)
+        if u.dim() == 2:
+            return torch.stack([self.rmatmul(column) for column in u.T], dim=1)
+        return self._assemble([block.weighted_sum(u) for block in self.blocks], leading=())
+
+    def dense(self) -> Tensor:
+        return self._assemble([block.per_sample() for block in self.blocks], leading=(self.shape[0],))
+
+
+class GramEngine:
+    """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch."""
+
+    def __init__(self, model: nn.Module, params: ParamSpace) -> None:
+        self.model = model
+        self.params = params
+        self.hooked: list[_HookedLayer] = []
+        self.fallback_names: list[str] = []
+        trainable = {id(p) for p in params.tensors}
+        name_of = {id(p): n for n, p in zip(params.names, params.tensors)}
+        self._plan(model, "", trainable, name_of)
+
+    def _plan(self, module: nn.Module, prefix: str, trainable: set[int], name_of: dict[int, str]) -> None:
+        own = list(module.parameters(recurse=False))
+        own_trainable = [p for p in own if id(p) in trainable]
+        if not own_trainable:
+            for child_name, child in module.named_children():
+                self._plan(child, f"{prefix}.{child_name}" if prefix else child_name, trainable, name_of)
+        elif rule_for(module) is not None and len(own_trainable) == len(own):
+            self.hooked.append(_HookedLayer(prefix, module))
+        else:
+            self.fallback_names += [name_of[id(p)] for p in module.parameters() if id(p) in trainable]
+
+    def plan(self) -> dict[str, list[str]]:
+        """Which layers are on the fast path and which parameters use the functorch fallback."""
+        return {
+            "fast_layers": [f"{layer.name} ({type(layer.module).__name__})" for layer in self.hooked],
+            "fallback_parameters": list(self.fallback_names),
+        }
+
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        handles = []
+        for layer in self.hooked:
+            layer.calls.clear()
+
+            def hook(module: nn.Module, args: tuple, output: Tensor, layer: _HookedLayer = layer) -> Tensor:
+                probe = torch.zeros_like(output, requires_grad=True)
+                activations = args[0].detach()
+                layer.calls.append(_Call(activations, activations._version, probe))
+                return output + probe
+
+            handles.append(layer.module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def compute(self, loss_fn: LossFn, batch: tuple) -> tuple[Tensor, Tensor, GramJacobian]:
+        """Run the batch; return (losses (B,), predictions, GramJacobian (B, P))."""
+        check_no_batch_coupling(self.model)
+        inputs, targets, *extra = batch
+        batch_size = targets.shape[0]
+        with torch.enable_grad(), self._recording():
+            preds = self.model(inputs)
+            losses = check_per_sample_losses(loss_fn(preds, targets, *extra), batch_size)
+            probes = [call.probe for layer in self.hooked for call in layer.calls]
+            uncalled = [layer for layer in self.hooked if not layer.calls]
+            uncalled_params = [p for layer in uncalled for p in layer.module.parameters(recurse=False)]
+            wanted = probes + uncalled_params
+            grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True) if wanted else ()
+        _check_uncalled_layers_unused(uncalled, grads[len(probes):])
+        blocks = self._layer_blocks(iter(grads[: len(probes)]))
+        if self.fallback_names:
+            blocks.append(self._fallback_block(loss_fn, batch))
+        return losses.detach(), preds.detach(), GramJacobian(blocks, self.params, batch_size)
+
+    def _layer_blocks(self, backprops: Iterator[Tensor | None]) -> list[GradientBlock]:
+        blocks: list[GradientBlock] = []
+        for layer in self.hooked:
+            per_call = []
+            for call in layer.calls:
+                grad = next(backprops)
+                if call.activations._version != call.version:
+                    raise RuntimeError(
+                        f"the input of layer '{layer.name}' was modified in place after the layer used it; "
+                        "Sven's Gram engine needs it unchanged (avoid inplace=True on that tensor, "
+                        "or use SvenWrapper(..., engine='functorch'))"
+                    )
+                grad = torch.zeros_like(call.probe) if grad is None else grad
+                rule = rule_for(layer.module)
+                per_call.append(rule(layer.module, call.activations, grad))
+            if len(per_call) == 1:
+                blocks += per_call[0]
+            elif per_call:
+                blocks.append(_summed_calls(per_call))
+        return blocks
+
+    def _fallback_block(self, loss_fn: LossFn, batch: tuple) -> GradientBlock:
+        inputs, targets, *extra = batch
+        named = dict(self.model.named_parameters())
+        _, _, grads = per_sample_loss_grads(self.model, loss_fn, inputs, targets, tuple(extra), self.fallback_names)
+        return MaterializedBlock(tuple(named[n] for n in self.fallback_names), grads)
+
+
+def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tuple) -> None:
+    """A hooked layer whose forward never ran must not influence the loss (else its rows would be lost)."""
+    grads = iter(param_grads)
+    for layer in uncalled:
+        for _ in layer.module.parameters(recurse=False):
+            grad = next(grads)
+            if grad is not None and bool(grad.ne(0).any()):
+                raise RuntimeError(
+                    f"the parameters of layer '{layer.name}' ({type(layer.module).__name__}) affect the loss "
+                    "although the layer's forward was never called (its weights are used functionally "
+                    "elsewhere); the Gram engine cannot see them. Use SvenWrapper(..., engine='functorch')."
+                )
+
+
+def _summed_calls(per_call: list[list[GradientBlock]]) -> GradientBlock:
+    """A layer called several times in one forward: its per-sample gradient is the sum over calls."""
+    params = tuple(p for block in per_call[0] for p in block.params)
+    totals = [sum(grads) for grads in zip(*([g for block in blocks for g in block.per_sample()] for blocks in per_call))]
+    return MaterializedBlock(params, totals)
+

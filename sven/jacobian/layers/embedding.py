@@ -1,0 +1,70 @@
+"""nn.Embedding (dense gradients, no max_norm): a one-hot Linear kept as token indices."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sven.jacobian.blocks import GradientBlock
+from sven.jacobian.layers.registry import register_gram_rule
+
+
+class EmbeddingBlock(GradientBlock):
+    """g_i = Σ_t e_{idx_it} b_itᵀ for token indices (B, T) and backprops (B, T, dim).
+
+    The Gram matrix is S Sᵀ for the sparse (B, V·dim) matrix S whose row i holds
+    sample i's gradient rows, aggregated over repeated tokens: memory grows with
+    the number of distinct (sample, token) pairs, never with B·V·dim.
+    """
+
+    def __init__(self, weight: Tensor, indices: Tensor, backprops: Tensor) -> None:
+        self.weight = weight
+        self.params = (weight,)
+        self.indices = indices.reshape(indices.shape[0], -1)
+        self.backprops = backprops.reshape(*self.indices.shape, weight.shape[1])
+
+    def _sample_token_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(sample, token, summed backprop (U, dim)) for the U distinct (sample, token) pairs."""
+        batch, tokens = self.indices.shape
+        vocab = self.weight.shape[0]
+        samples = torch.arange(batch, device=self.indices.device).repeat_interleave(tokens)
+        codes, inverse = torch.unique(samples * vocab + self.indices.reshape(-1), return_inverse=True)
+        rows = torch.zeros(codes.numel(), self.weight.shape[1], dtype=torch.float64, device=self.indices.device)
+        rows.index_add_(0, inverse, self.backprops.reshape(batch * tokens, -1).to(torch.float64))
+        return codes // vocab, codes % vocab, rows
+
+    def gram(self) -> Tensor:
+        batch = self.indices.shape[0]
+        vocab, dim = self.weight.shape
+        samples, tokens, rows = self._sample_token_rows()
+        columns = (tokens[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([samples.repeat_interleave(dim), columns]), rows.reshape(-1), (batch, vocab * dim)
+        ).coalesce()
+        return torch.sparse.mm(sparse, sparse.t()).to_dense()
+
+    def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
+        batch, tokens = self.indices.shape
+        weighted = self.backprops * coeffs.to(self.backprops.dtype).view(batch, 1, 1)
+        total = torch.zeros_like(self.weight)
+        total.index_add_(0, self.indices.reshape(-1), weighted.reshape(batch * tokens, -1))
+        return [total]
+
+    def per_sample(self) -> list[Tensor]:
+        batch, tokens = self.indices.shape
+        vocab, dim = self.weight.shape
+        samples = torch.arange(batch, device=self.indices.device).repeat_interleave(tokens)
+        grads = torch.zeros(batch * vocab, dim, dtype=self.weight.dtype, device=self.weight.device)
+        grads.index_add_(0, samples * vocab + self.indices.reshape(-1), self.backprops.reshape(batch * tokens, dim))
+        return [grads.view(batch, vocab, dim)]
+
+
+def _supported(layer: nn.Embedding) -> bool:
+    return layer.max_norm is None and not layer.sparse and not layer.scale_grad_by_freq
+
+
+@register_gram_rule(nn.Embedding, supports=_supported)
+def embedding_blocks(layer: nn.Embedding, activations: Tensor, backprops: Tensor) -> list[GradientBlock]:
+    if layer.padding_idx is not None:
+        backprops = backprops * (activations != layer.padding_idx).unsqueeze(-1).to(backprops.dtype)
+    return [EmbeddingBlock(layer.weight, activations, backprops)]

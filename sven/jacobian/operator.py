@@ -1,0 +1,131 @@
+"""The small linear-operator interface every Jacobian engine produces.
+
+An operator stands for a matrix M of shape (rows, cols): rows are samples (or
+micro-batch groups), cols are the parameters it covers, flattened in the
+wrapper's parameter order. Solvers in ``sven.opt.pinv`` talk to M only through
+``gram``, ``matmul``, ``rmatmul`` and ``dense``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+
+class JacobianOperator(ABC):
+    """A linear operator over a Jacobian M of shape (rows, cols)."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """M Mᵀ, shape (rows, rows), float64."""
+
+    @abstractmethod
+    def rmatmul(self, u: Tensor) -> Tensor:
+        """Mᵀ u for u of shape (rows,) or (rows, m); returns (cols,) or (cols, m).
+
+        ``u`` is cast to the operator's dtype; the result has the operator's dtype.
+        """
+
+    def matmul(self, v: Tensor) -> Tensor:
+        """M v for v of shape (cols,) or (cols, m); returns (rows,) or (rows, m).
+
+        ``v`` is cast to the operator's dtype; the result has the operator's dtype.
+        """
+        return self.dense() @ v.to(self.dtype)
+
+    @abstractmethod
+    def dense(self) -> Tensor:
+        """M itself, shape (rows, cols), in the operator's dtype (may materialise it)."""
+
+    @property
+    def materialised(self) -> bool:
+        """Whether ``dense()`` is free (the engine already holds M)."""
+        return False
+
+    def nonfinite_rows(self) -> Tensor:
+        """Boolean mask (rows,): rows of M holding a NaN or Inf."""
+        return ~torch.isfinite(self.gram().diagonal())
+
+
+class DenseJacobian(JacobianOperator):
+    """An operator over an explicitly stored Jacobian (rows, cols)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.dim() != 2:
+            raise ValueError(f"DenseJacobian needs a 2-D matrix; got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.shape = (matrix.shape[0], matrix.shape[1])
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self._gram: Tensor | None = None
+
+    @property
+    def materialised(self) -> bool:
+        return True
+
+    def gram(self) -> Tensor:
+        if self._gram is None:
+            m64 = self.matrix.to(torch.float64)
+            self._gram = m64 @ m64.T
+        return self._gram
+
+    def rmatmul(self, u: Tensor) -> Tensor:
+        return self.matrix.T @ u.to(self.dtype)
+
+    def matmul(self, v: Tensor) -> Tensor:
+        return self.matrix @ v.to(self.dtype)
+
+    def dense(self) -> Tensor:
+        return self.matrix
+
+    def nonfinite_rows(self) -> Tensor:
+        return ~torch.isfinite(self.matrix).all(dim=1)
+
+
+class RowTransformedJacobian(JacobianOperator):
+    """R·J for a small (rows_out, rows_in) matrix R over another operator J.
+
+    Micro-batch averaging and the residual power ``kappa`` both act on the rows of
+    the per-sample loss Jacobian, so ``(R J)(R J)ᵀ = R (J Jᵀ) Rᵀ`` and
+    ``(R J)ᵀ c = Jᵀ (Rᵀ c)`` never touch the parameter dimension.
+    """
+
+    def __init__(self, base: JacobianOperator, row_map: Tensor) -> None:
+        if row_map.dim() != 2 or row_map.shape[1] != base.shape[0]:
+            raise ValueError(
+                f"row_map must have shape (rows_out, {base.shape[0]}); got {tuple(row_map.shape)}"
+            )
+        self.base = base
+        self.row_map = row_map.to(torch.float64)
+        self.shape = (row_map.shape[0], base.shape[1])
+        self.dtype = base.dtype
+        self.device = base.device
+        self._gram: Tensor | None = None
+
+    @property
+    def materialised(self) -> bool:
+        return self.base.materialised
+
+    def gram(self) -> Tensor:
+        if self._gram is None:
+            self._gram = self.row_map @ self.base.gram() @ self.row_map.T
+        return self._gram
+
+    def rmatmul(self, u: Tensor) -> Tensor:
+        return self.base.rmatmul(self.row_map.T @ u.to(torch.float64))
+
+    def matmul(self, v: Tensor) -> Tensor:
+        return (self.row_map @ self.base.matmul(v).to(torch.float64)).to(self.dtype)
+
+    def dense(self) -> Tensor:
+        return (self.row_map @ self.base.dense().to(torch.float64)).to(self.dtype)
+
+    def nonfinite_rows(self) -> Tensor:
+        uses_bad_row = ((self.row_map != 0) & self.base.nonfinite_rows()).any(dim=1)
+        return uses_bad_row | ~torch.isfinite(self.row_map).all(dim=1)

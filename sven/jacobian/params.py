@@ -1,0 +1,65 @@
+"""The flat parameter space a Jacobian's columns index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """The trainable parameters of a model, flattened in a fixed order.
+
+    Column j of every Jacobian is entry j of ``torch.cat([p.reshape(-1) for p in tensors])``.
+    Parameters with ``requires_grad=False`` are not part of the space.
+    """
+
+    names: tuple[str, ...]
+    tensors: tuple[Tensor, ...]
+
+    @classmethod
+    def of_module(cls, model: nn.Module) -> ParamSpace:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to optimise")
+        names, tensors = zip(*named)
+        return cls(tuple(names), tuple(tensors))
+
+    @property
+    def numels(self) -> list[int]:
+        return [p.numel() for p in self.tensors]
+
+    @property
+    def size(self) -> int:
+        """P, the number of scalar parameters."""
+        return sum(self.numels)
+
+    @property
+    def offsets(self) -> Tensor:
+        """Start of each parameter's slice in the flat vector, shape (len(tensors) + 1,)."""
+        return torch.tensor([0, *self.numels]).cumsum(0)
+
+    def flatten(self, per_param: list[Tensor], leading: tuple[int, ...] = ()) -> Tensor:
+        """Concatenate tensors shaped ``(*leading, *p.shape)`` into ``(*leading, P)``."""
+        return torch.cat([t.reshape(*leading, -1) for t in per_param], dim=len(leading))
+
+    def add_flat_(self, flat_step: Tensor, scales: list[float], columns: Tensor | None = None) -> None:
+        """In place: parameter += scale · step for a flat step vector.
+
+        ``flat_step`` has shape (P,) when ``columns`` is None, else (n,) with
+        ``columns`` (n,) the sorted flat indices it belongs to; entries outside
+        ``columns`` are not written at all (they stay bit-identical).
+        """
+        if columns is None:
+            for p, chunk, scale in zip(self.tensors, flat_step.split(self.numels), scales):
+                p.add_(chunk.view_as(p).to(p.dtype), alpha=scale)
+            return
+        offsets = self.offsets.to(columns.device)
+        owner = torch.bucketize(columns, offsets[1:], right=True)
+        for i, (p, scale) in enumerate(zip(self.tensors, scales)):
+            mine = owner == i
+            if mine.any():
+                local = columns[mine] - offsets[i]
+                p.view(-1).index_add_(0, local, flat_step[mine].to(p.dtype), alpha=scale)
