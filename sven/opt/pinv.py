@@ -172,7 +172,8 @@ def lobpcg_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOpti
     """
     rows, cols = op.shape
     use_gram = rows <= cols
-    matrix = op.gram() if use_gram else (lambda m: m.T @ m)(op.dense().to(torch.float64))
+    dense64 = None if use_gram else op.dense().to(torch.float64)
+    matrix = op.gram() if use_gram else dense64.T @ dense64
     size = matrix.shape[0]
     wanted = min(k, size)
     if size < 3 * wanted:
@@ -187,7 +188,7 @@ def lobpcg_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOpti
     if use_gram:
         return _truncate(eigenvectors, sigma, None, k, rtol, _eig_floor(size))
     spectrum = _truncate(eigenvectors, sigma, None, k, rtol, _eig_floor(size))
-    u = op.matmul(spectrum.u).to(torch.float64) / spectrum.sigma
+    u = dense64 @ spectrum.u / spectrum.sigma
     return Spectrum(u, spectrum.sigma, spectrum.u, spectrum.sigma_all, spectrum.rtol_used)
 
 

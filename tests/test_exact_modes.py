@@ -1,0 +1,130 @@
+"""Every exact svd_mode, on both Jacobian engines, takes the dense float64 reference step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import flat_parameters, make_batch, make_mlp, per_sample_mse
+from reference import EPS64, reference_direction, reference_residuals_and_jacobian, relative_error
+
+from sven.nn import SvenWrapper
+from sven.opt import Sven
+
+EXACT_MODES = ("torch", "gram", "auto", "scipy", "lobpcg")
+ENGINES = ("gram", "functorch")
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+LR = 0.5
+
+
+@dataclass(frozen=True)
+class Case:
+    """An MLP with layer ``sizes`` on a batch of ``batch_size`` samples, solved with ``k`` and ``rtol``."""
+
+    sizes: tuple[int, ...]
+    batch_size: int
+    k: int = 64
+    rtol: float = 1e-3
+    duplicated: bool = False
+
+    def model_and_batch(self, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        """The model and batch; with ``duplicated`` the second half of the batch repeats the first."""
+        distinct = self.batch_size // 2 if self.duplicated else self.batch_size
+        x, y = make_batch(distinct, self.sizes[0], self.sizes[-1], dtype)
+        if self.duplicated:
+            x, y = torch.cat([x, x]), torch.cat([y, y])
+        return make_mlp(list(self.sizes), dtype), (x, y)
+
+
+CASES = {
+    "mlp_b_lt_p": Case((3, 8, 2), 12),  # M is 12 × 50
+    "b_gt_p": Case((2, 3, 1), 24),  # M is 24 × 13
+    "duplicated_samples": Case((3, 8, 2), 12, duplicated=True),  # rank 6
+    "k_below_rank": Case((3, 8, 2), 12, k=3),
+    "rtol_cuts": Case((3, 8, 2), 12, rtol=0.05),
+}
+
+
+def reference_step(case: Case, dtype: torch.dtype) -> torch.Tensor:
+    """The reference parameter change −lr · M⁺ r, float64 (P,)."""
+    model, batch = case.model_and_batch(dtype)
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    return -LR * reference_direction(jacobian, residuals, case.k, case.rtol)
+
+
+def sven_step(case: Case, dtype: torch.dtype, engine: str, svd_mode: str) -> tuple[torch.Tensor, Sven]:
+    """The parameter change one Sven step makes, float64 (P,), and the optimizer."""
+    model, batch = case.model_and_batch(dtype)
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
+    optimizer = Sven(wrapped, lr=LR, k=case.k, rtol=case.rtol, svd_mode=svd_mode)
+    before = flat_parameters(model)
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    return flat_parameters(model) - before, optimizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("svd_mode", EXACT_MODES)
+@pytest.mark.parametrize("case_name", CASES)
+def test_exact_mode_takes_the_reference_step(case_name: str, svd_mode: str, engine: str, dtype: torch.dtype) -> None:
+    case = CASES[case_name]
+    step, optimizer = sven_step(case, dtype, engine, svd_mode)
+    assert not optimizer.last_step["skipped"]
+    assert relative_error(step, reference_step(case, dtype)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_cases_exercise_what_they_claim(case_name: str) -> None:
+    """Each case really has the shape, rank deficiency, k cut or rtol cut its name says."""
+    case = CASES[case_name]
+    model, batch = case.model_and_batch(torch.float64)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    rows, cols = jacobian.shape
+    sigma = torch.linalg.svdvals(jacobian)
+    rank = int((sigma > max(rows, cols) * EPS64 * sigma[0]).sum())
+    above_rtol = int((sigma > case.rtol * sigma[0]).sum())
+    claims = {
+        "mlp_b_lt_p": rows < cols and above_rtol == rank <= case.k,
+        "b_gt_p": rows > cols,
+        "duplicated_samples": rank <= rows // 2 < rows <= cols,
+        "k_below_rank": case.k < min(rank, above_rtol),
+        "rtol_cuts": above_rtol < rank <= case.k,
+    }
+    assert claims[case_name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("shape", ["b_lt_p", "b_gt_p"])
+def test_lobpcg_runs_torch_lobpcg_and_takes_the_reference_step(
+    shape: str, engine: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With k ≤ size/3 the solver really calls torch.lobpcg (on M Mᵀ for B < P, on Mᵀ M for B > P)."""
+    case = Case((3, 8, 2), 12, k=3) if shape == "b_lt_p" else Case((2, 3, 1), 24, k=3)
+    sizes_seen = []
+    lobpcg = torch.lobpcg
+
+    def counting_lobpcg(matrix: torch.Tensor, *args, **kwargs):
+        sizes_seen.append(matrix.shape[0])
+        return lobpcg(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "lobpcg", counting_lobpcg)
+    step, _ = sven_step(case, dtype, engine, "lobpcg")
+    expected_size = 12 if shape == "b_lt_p" else 13
+    assert sizes_seen == [expected_size] and expected_size >= 3 * case.k
+    assert relative_error(step, reference_step(case, dtype)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case_name, resolved", [("mlp_b_lt_p", "gram"), ("b_gt_p", "torch")])
+def test_auto_picks_gram_when_b_le_p_and_svd_otherwise(case_name: str, resolved: str) -> None:
+    _, optimizer = sven_step(CASES[case_name], torch.float64, "gram", "auto")
+    assert optimizer.last_step["svd_mode"] == resolved
+
+
+def test_auto_takes_an_svd_below_the_gram_rtol_limit() -> None:
+    case = Case((3, 8, 2), 12, rtol=1e-8)
+    step, optimizer = sven_step(case, torch.float64, "gram", "auto")
+    assert optimizer.last_step["svd_mode"] == "torch"
+    assert relative_error(step, reference_step(case, torch.float64)) <= TOLERANCE[torch.float64]
