@@ -1,0 +1,163 @@
+"""Every error of the core API, with its message; non-finite batches leave the model untouched."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import make_batch, make_mlp, parameter_snapshot, per_sample_mse
+from torch import Tensor, nn
+
+from sven.nn import SvenWrapper
+from sven.opt import Sven
+from sven.opt.pinv import SVD_MODES
+
+ENGINES = ("gram", "functorch")
+BATCH_SIZE = 32
+
+
+def wrapped_mlp(loss_fn=per_sample_mse, out_features: int = 2, **options) -> SvenWrapper:
+    return SvenWrapper(make_mlp([3, 8, out_features]), loss_fn, **options)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    "loss_fn, out_features, received",
+    [
+        (nn.MSELoss(), 2, "()"),
+        (nn.MSELoss(reduction="none"), 1, "(32, 1)"),
+        (nn.MSELoss(reduction="none"), 3, "(32, 3)"),
+    ],
+    ids=["scalar", "b_by_1", "b_by_c"],
+)
+def test_losses_not_of_shape_b_are_rejected(loss_fn: nn.Module, out_features: int, received: str, engine: str) -> None:
+    wrapped = wrapped_mlp(loss_fn, out_features, engine=engine)
+    expected = re.escape(f"got shape {received}; expected (B,) = ({BATCH_SIZE},)")
+    with pytest.raises(ValueError, match=expected) as raised:
+        wrapped.loss_and_grad(make_batch(BATCH_SIZE, 3, out_features))
+    assert "reduction='none'" in str(raised.value)
+    assert wrapped.state is None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(k=0), "k must be an integer >= 1; got 0"),
+        (dict(k=2.5), "k must be an integer >= 1; got 2.5"),
+        (dict(rtol=-1e-3), "rtol must be >= 0; got -0.001"),
+        (dict(lr=-0.1), "lr must be >= 0; got -0.1"),
+    ],
+)
+def test_optimizer_rejects_bad_settings_at_construction(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Sven(wrapped_mlp(), **options)
+
+
+def test_unknown_svd_mode_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="unknown svd_mode 'svd'") as raised:
+        Sven(wrapped_mlp(), svd_mode="svd")
+    for mode in ("auto", "torch", "gram", "randomized", "randomized_v2", "scipy", "lobpcg"):
+        assert mode in SVD_MODES and re.search(rf"\b{mode}\b", str(raised.value)), mode
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(param_fraction=0.0), "param_fraction must be in (0, 1]; got 0.0"),
+        (dict(param_fraction=1.5), "param_fraction must be in (0, 1]; got 1.5"),
+        (dict(param_fraction=-0.2), "param_fraction must be in (0, 1]; got -0.2"),
+        (dict(microbatch_size=0), "microbatch_size must be an integer >= 1; got 0"),
+        (dict(kappa=0.0), "kappa must be > 0; got 0.0"),
+        (dict(kappa=-1.0), "kappa must be > 0; got -1.0"),
+    ],
+)
+def test_wrapper_rejects_bad_settings_at_construction(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wrapped_mlp(**options)
+
+
+def signed_error(pred: Tensor, target: Tensor) -> Tensor:
+    """A per-sample loss that can be negative: mean of (pred − target), (B,)."""
+    return (pred - target).mean(dim=1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_negative_loss_needs_kappa_2(engine: str) -> None:
+    batch = make_batch(BATCH_SIZE, 3, 2)
+    with pytest.raises(ValueError, match=r"kappa=1\.0 .* needs losses >= 0; got \d+ negative per-sample loss"):
+        wrapped_mlp(signed_error, kappa=1.0, engine=engine).loss_and_grad(batch)
+    losses, _ = wrapped_mlp(signed_error, kappa=2.0, engine=engine).loss_and_grad(batch)
+    assert bool((losses < 0).any())
+
+
+def test_step_needs_a_loss_and_grad_first() -> None:
+    wrapped = wrapped_mlp()
+    optimizer = Sven(wrapped)
+    with pytest.raises(RuntimeError, match=r"call wrapped\.loss_and_grad\(batch\) before each step\(\)"):
+        optimizer.step()
+    wrapped.loss_and_grad(make_batch(8, 3, 2))
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"loss_and_grad"):
+        optimizer.step()
+
+
+def test_step_takes_no_closure() -> None:
+    wrapped = wrapped_mlp()
+    wrapped.loss_and_grad(make_batch(8, 3, 2))
+    with pytest.raises(TypeError, match="takes no closure"):
+        Sven(wrapped).step(closure=lambda: torch.tensor(0.0))
+
+
+def mse_with_nan_gradient_where_scale_is_zero(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    """Per-sample MSE plus 0·√(scale·‖pred‖²): finite everywhere, but its gradient is NaN where scale = 0."""
+    return per_sample_mse(pred, target) + 0 * torch.sqrt(scale * pred.pow(2).sum(dim=1))
+
+
+def nan_input_row(batch_size: int) -> tuple[tuple, Callable[..., Tensor]]:
+    x, y = make_batch(batch_size, 3, 2)
+    x[5, 1] = float("nan")
+    return (x, y), per_sample_mse
+
+
+def finite_loss_nan_jacobian_row(batch_size: int) -> tuple[tuple, Callable[..., Tensor]]:
+    x, y = make_batch(batch_size, 3, 2)
+    scale = torch.ones(batch_size, dtype=x.dtype)
+    scale[5] = 0.0
+    return (x, y, scale), mse_with_nan_gradient_where_scale_is_zero
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "torch"])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("make_bad_batch", [nan_input_row, finite_loss_nan_jacobian_row])
+def test_non_finite_batch_skips_the_step(make_bad_batch: Callable, engine: str, svd_mode: str) -> None:
+    batch, loss_fn = make_bad_batch(12)
+    wrapped = wrapped_mlp(loss_fn, engine=engine)
+    optimizer = Sven(wrapped, lr=0.5, svd_mode=svd_mode)
+    losses, _ = wrapped.loss_and_grad(batch)
+    assert bool(torch.isfinite(losses).all()) == (make_bad_batch is finite_loss_nan_jacobian_row)
+    before = parameter_snapshot(wrapped.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    runtime_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime_warnings) == 1
+    assert "1 of 12 samples" in str(runtime_warnings[0].message)
+    assert all(torch.equal(now, then) for now, then in zip(wrapped.model.parameters(), before, strict=True))
+    assert optimizer.last_step["skipped"] is True and optimizer.last_step["bad_samples"] == 1
+
+
+def test_optimizer_steps_again_after_a_skipped_step() -> None:
+    wrapped = wrapped_mlp()
+    optimizer = Sven(wrapped, lr=0.5)
+    bad_batch, _ = nan_input_row(12)
+    wrapped.loss_and_grad(bad_batch)
+    with pytest.warns(RuntimeWarning, match="1 of 12 samples"):
+        optimizer.step()
+    before = parameter_snapshot(wrapped.model)
+    wrapped.loss_and_grad(make_batch(12, 3, 2))
+    optimizer.step()
+    assert optimizer.last_step["skipped"] is False
+    assert not all(torch.equal(now, then) for now, then in zip(wrapped.model.parameters(), before, strict=True))
