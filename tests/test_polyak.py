@@ -41,7 +41,7 @@ def test_step_size_is_the_clipped_polyak_step(f_star: float, max_lr: float, clip
         return mean_loss
 
     returned = optimizer.step(closure)
-    assert float(returned) == loss
+    assert float(returned.detach()) == loss
     assert torch.allclose(flat_parameters(model), expected, rtol=1e-13, atol=1e-15)
 
 
