@@ -1,7 +1,7 @@
 """Jacobian engines and the linear-operator interface they share."""
 
-from sven.jacobian.functorch_engine import functorch_jacobian, per_sample_loss_grads
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
+from sven.jacobian.functorch_engine import functorch_jacobian, per_sample_loss_grads
 from sven.jacobian.gram_engine import GramEngine, GramJacobian
 from sven.jacobian.layers import fast_layer_types, register_gram_rule
 from sven.jacobian.operator import DenseJacobian, JacobianOperator, RowTransformedJacobian

@@ -34,6 +34,15 @@ class GradientBlock(ABC):
     def per_sample(self) -> list[Tensor]:
         """g_i for every sample: one tensor (B, *param.shape) per parameter."""
 
+    @classmethod
+    def summed(cls, blocks: list[GradientBlock]) -> GradientBlock:
+        """One block for Σ of the blocks' per-sample gradients (same params: a layer called repeatedly).
+
+        This default materialises the sums; factored blocks override it to stay factored.
+        """
+        totals = [sum(grads) for grads in zip(*(block.per_sample() for block in blocks))]
+        return MaterializedBlock(blocks[0].params, totals)
+
 
 class MaterializedBlock(GradientBlock):
     """Per-sample gradients held explicitly (cheap layers, fallback, repeated calls)."""
@@ -73,7 +82,9 @@ class OuterProductBlock(GradientBlock):
         self.activations = activations
         self.backprops = backprops
 
-    def _ghost_is_cheaper(self) -> bool:
+    @property
+    def uses_ghost_form(self) -> bool:
+        """Whether ``gram()`` takes the ghost form (cheaper than materialising for these shapes)."""
         batch, tokens, d_in = self.activations.shape
         d_out = self.backprops.shape[-1]
         ghost = (batch * tokens) ** 2 * (d_in + d_out)
@@ -82,7 +93,7 @@ class OuterProductBlock(GradientBlock):
 
     def gram(self) -> Tensor:
         batch, tokens, _ = self.activations.shape
-        if not self._ghost_is_cheaper():
+        if not self.uses_ghost_form:
             return MaterializedBlock(self.params, self.per_sample()).gram()
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
@@ -101,6 +112,15 @@ class OuterProductBlock(GradientBlock):
         if self.bias is not None:
             sums.append(weighted.sum(dim=0).view_as(self.bias))
         return sums
+
+    @classmethod
+    def summed(cls, blocks: list[GradientBlock]) -> GradientBlock:
+        """Repeated calls of one layer are more positions t: concatenate them along dim 1."""
+        first = blocks[0]
+        return cls(
+            first.weight, first.bias,
+            torch.cat([b.activations for b in blocks], dim=1), torch.cat([b.backprops for b in blocks], dim=1),
+        )
 
     def per_sample(self) -> list[Tensor]:
         batch = self.activations.shape[0]

@@ -8,7 +8,8 @@ materialises the Jacobian (B, n), n = P or the number of columns drawn by
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -80,9 +81,8 @@ def functorch_jacobian(
     losses, preds = [], []
     for start in range(0, batch_size, chunk):
         rows = slice(start, min(start + chunk, batch_size))
-        take = lambda t: t[rows]  # noqa: E731
         chunk_losses, chunk_preds, grads = per_sample_loss_grads(
-            model, loss_fn, torch.utils._pytree.tree_map(take, inputs), targets[rows],
+            model, loss_fn, torch.utils._pytree.tree_map(lambda t, rows=rows: t[rows], inputs), targets[rows],
             tuple(e[rows] for e in extra), names,
         )
         flat = params.flatten(grads, leading=(chunk_losses.shape[0],))

@@ -11,9 +11,9 @@ handled exactly by the functorch engine, restricted to their parameters.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -167,13 +167,16 @@ class GramEngine:
             if len(per_call) == 1:
                 blocks += per_call[0]
             elif per_call:
-                blocks.append(_summed_calls(per_call))
+                blocks += [type(calls[0]).summed(list(calls)) for calls in zip(*per_call)]
         return blocks
 
     def _fallback_block(self, loss_fn: LossFn, batch: tuple) -> GradientBlock:
         inputs, targets, *extra = batch
         named = dict(self.model.named_parameters())
-        _, _, grads = per_sample_loss_grads(self.model, loss_fn, inputs, targets, tuple(extra), self.fallback_names)
+        with torch.no_grad():
+            _, _, grads = per_sample_loss_grads(
+                self.model, loss_fn, inputs, targets, tuple(extra), self.fallback_names
+            )
         return MaterializedBlock(tuple(named[n] for n in self.fallback_names), grads)
 
 
@@ -189,11 +192,4 @@ def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tup
                     "although the layer's forward was never called (its weights are used functionally "
                     "elsewhere); the Gram engine cannot see them. Use SvenWrapper(..., engine='functorch')."
                 )
-
-
-def _summed_calls(per_call: list[list[GradientBlock]]) -> GradientBlock:
-    """A layer called several times in one forward: its per-sample gradient is the sum over calls."""
-    params = tuple(p for block in per_call[0] for p in block.params)
-    totals = [sum(grads) for grads in zip(*([g for block in blocks for g in block.per_sample()] for blocks in per_call))]
-    return MaterializedBlock(params, totals)
 

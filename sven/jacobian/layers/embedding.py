@@ -39,7 +39,8 @@ class EmbeddingBlock(GradientBlock):
         samples, tokens, rows = self._sample_token_rows()
         columns = (tokens[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
         sparse = torch.sparse_coo_tensor(
-            torch.stack([samples.repeat_interleave(dim), columns]), rows.reshape(-1), (batch, vocab * dim)
+            torch.stack([samples.repeat_interleave(dim), columns]), rows.reshape(-1), (batch, vocab * dim),
+            check_invariants=False,
         ).coalesce()
         return torch.sparse.mm(sparse, sparse.t()).to_dense()
 
@@ -49,6 +50,14 @@ class EmbeddingBlock(GradientBlock):
         total = torch.zeros_like(self.weight)
         total.index_add_(0, self.indices.reshape(-1), weighted.reshape(batch * tokens, -1))
         return [total]
+
+    @classmethod
+    def summed(cls, blocks: list[GradientBlock]) -> GradientBlock:
+        """Repeated calls of one embedding are more tokens: concatenate them along dim 1."""
+        return cls(
+            blocks[0].weight,
+            torch.cat([b.indices for b in blocks], dim=1), torch.cat([b.backprops for b in blocks], dim=1),
+        )
 
     def per_sample(self) -> list[Tensor]:
         batch, tokens = self.indices.shape

@@ -9,7 +9,9 @@ from sven.jacobian.blocks import GradientBlock, MaterializedBlock
 from sven.jacobian.layers.registry import register_gram_rule
 
 
-def _affine_blocks(layer: nn.Module, normalised: Tensor, backprops: Tensor, reduce_dims: tuple[int, ...]) -> list[GradientBlock]:
+def _affine_blocks(
+    layer: nn.Module, normalised: Tensor, backprops: Tensor, reduce_dims: tuple[int, ...]
+) -> list[GradientBlock]:
     params, grads = [], []
     if layer.weight is not None:
         params.append(layer.weight)

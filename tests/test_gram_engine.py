@@ -1,0 +1,271 @@
+"""The Gram engine against the dense float64 reference, layer type by layer type and in mixed models.
+
+For every model: ``gram()`` equals J Jᵀ (1e-10 relative), ``dense()`` equals J,
+``rmatmul(c)`` equals Jᵀ c, and a full Sven step on the engine equals the
+reference step (float64 ≤ 1e-8, float32 ≤ 1e-4), with and without micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import flat_parameters
+from reference import reference_direction, reference_residuals_and_jacobian, relative_error
+from torch import Tensor, nn
+
+from sven.jacobian import GramEngine, GramJacobian, ParamSpace
+from sven.jacobian.blocks import OuterProductBlock
+from sven.jacobian.layers.embedding import EmbeddingBlock
+from sven.nn import SvenWrapper
+from sven.opt import Sven
+
+GRAM_TOLERANCE = 1e-10
+STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+LR = 0.5
+
+
+def per_sample_squared_error(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over every non-batch dim: (B, …) → (B,)."""
+    return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
+
+
+class Scaled(nn.Module):
+    """A custom parametrised layer (no Gram rule): x ↦ tanh(x · scale) + shift."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.shift = nn.Parameter(torch.linspace(-0.2, 0.2, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x * self.scale) + self.shift
+
+
+class SharedLinear(nn.Module):
+    """One Linear applied twice in a forward (weight sharing), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class SharedEmbedding(nn.Module):
+    """One Embedding applied to the tokens and to the reversed tokens, then a Linear over (B, T, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 3, padding_idx=0)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.embed(tokens) * self.embed(tokens.flip(1))))
+
+
+class TokenModel(nn.Module):
+    """Embedding (padding_idx 0) → LayerNorm → Linear over (B, T, d) → Linear, output (B, T, 2)."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.mix(self.norm(self.embed(tokens)))))
+
+
+class AttentionModel(nn.Module):
+    """Linear → nn.MultiheadAttention (fallback) → Linear over (B, T, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.attention = nn.MultiheadAttention(4, num_heads=2, batch_first=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        attended, _ = self.attention(h, h, h, need_weights=False)
+        return self.out(attended)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """A model builder, input and target builders, and which parameter names must use the fallback."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator, int], Tensor]
+    target_shape: tuple[int, ...]
+    fallback: tuple[str, ...] = ()
+    batch_size: int = 10
+
+    def model_and_batch(self, dtype: torch.dtype) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+        torch.manual_seed(0)
+        model = self.build().to(dtype)
+        generator = torch.Generator().manual_seed(1)
+        x = self.inputs(generator, self.batch_size)
+        x = x.to(dtype) if x.is_floating_point() else x
+        y = torch.randn(self.batch_size, *self.target_shape, generator=generator, dtype=torch.float64).to(dtype)
+        return model, (x, y)
+
+
+def _normal(*shape: int) -> Callable[[torch.Generator, int], Tensor]:
+    return lambda generator, batch: torch.randn(batch, *shape, generator=generator, dtype=torch.float64)
+
+
+def _tokens(generator: torch.Generator, batch: int) -> Tensor:
+    """Tokens (B, 6) from a vocabulary of 7: repeated tokens in every row, padding (0) in most rows."""
+    tokens = torch.randint(1, 7, (batch, 6), generator=generator)
+    tokens[:, 3] = tokens[:, 1]
+    tokens[::2, -1] = 0
+    tokens[1::3, 0] = 0
+    return tokens
+
+
+CASES = {
+    "linear": ModelCase(lambda: nn.Linear(5, 3), _normal(5), (3,)),
+    "linear_no_bias": ModelCase(lambda: nn.Linear(5, 3, bias=False), _normal(5), (3,)),
+    "linear_over_tokens": ModelCase(lambda: nn.Linear(3, 2), _normal(4, 3), (4, 2)),
+    "mlp": ModelCase(lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), _normal(5), (3,)),
+    "conv1d": ModelCase(lambda: nn.Conv1d(2, 3, 3, padding=1, stride=2), _normal(2, 9), (3, 5)),
+    "conv2d": ModelCase(lambda: nn.Conv2d(2, 3, 3, dilation=2, padding="same"), _normal(2, 6, 6), (3, 6, 6)),
+    "group_norm": ModelCase(lambda: nn.GroupNorm(2, 4), _normal(4, 3, 3), (4, 3, 3)),
+    "layer_norm": ModelCase(lambda: nn.LayerNorm(4), _normal(3, 4), (3, 4)),
+    "embedding": ModelCase(lambda: nn.Embedding(7, 3, padding_idx=0), _tokens, (6, 3)),
+    "cnn": ModelCase(
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(),
+            nn.Conv2d(4, 3, 3, stride=2), nn.Flatten(1), nn.Unflatten(1, (3, 4)),
+            nn.Conv1d(3, 2, 2), nn.Flatten(1), nn.Tanh(), nn.Linear(6, 2),
+        ),
+        _normal(2, 6, 6), (2,),
+    ),
+    "tokens": ModelCase(TokenModel, _tokens, (6, 2)),
+    "custom_layer": ModelCase(
+        lambda: nn.Sequential(nn.Linear(4, 3), Scaled(3), nn.Linear(3, 2)), _normal(4), (2,),
+        fallback=("1.scale", "1.shift"),
+    ),
+    "shared_weights": ModelCase(SharedLinear, _normal(4), (2,)),
+    "shared_embedding": ModelCase(SharedEmbedding, _tokens, (6, 2)),
+    "attention": ModelCase(
+        AttentionModel, _normal(3, 3), (3, 2),
+        fallback=("attention.in_proj_weight", "attention.in_proj_bias",
+                  "attention.out_proj.weight", "attention.out_proj.bias"),
+    ),
+    "batch_norm_eval": ModelCase(
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval(), _normal(4), (2,),
+        fallback=("1.weight", "1.bias"),
+    ),
+}
+
+
+def engine_operator(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[GramEngine, Tensor, GramJacobian]:
+    """The Gram engine over ``model``, its losses (B,) and its operator on ``batch``."""
+    engine = GramEngine(model, ParamSpace.of_module(model))
+    losses, _, operator = engine.compute(per_sample_squared_error, batch)
+    return engine, losses, operator
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_operator_matches_the_dense_reference(case_name: str) -> None:
+    case = CASES[case_name]
+    model, batch = case.model_and_batch(torch.float64)
+    engine, losses, operator = engine_operator(model, batch)
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    assert engine.plan()["fallback_parameters"] == list(case.fallback)
+    assert relative_error(losses, residuals) <= 1e-14
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
+    assert relative_error(operator.dense(), jacobian) <= GRAM_TOLERANCE
+    coeffs = torch.randn(jacobian.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert relative_error(operator.rmatmul(coeffs[:, 0]), jacobian.T @ coeffs[:, 0]) <= GRAM_TOLERANCE
+    assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
+
+
+def test_token_case_has_repeats_and_padding_that_matter() -> None:
+    """The token batch repeats tokens within rows and pads, and the padding row gets no gradient."""
+    model, (tokens, _) = CASES["tokens"].model_and_batch(torch.float64)
+    assert bool((tokens[:, 1] == tokens[:, 3]).all()) and bool((tokens == 0).any())
+    _, _, operator = engine_operator(model, CASES["tokens"].model_and_batch(torch.float64)[1])
+    vocab, dim = model.embed.weight.shape
+    embedding_columns = operator.dense()[:, :vocab * dim].reshape(-1, vocab, dim)
+    assert bool((embedding_columns[:, 0] == 0).all()) and bool((embedding_columns[:, 1:] != 0).any())
+
+
+def sven_step(case: ModelCase, dtype: torch.dtype, svd_mode: str, microbatch_size: int) -> Tensor:
+    """The float64 parameter change of one Sven step on the Gram engine."""
+    model, batch = case.model_and_batch(dtype)
+    wrapped = SvenWrapper(model, per_sample_squared_error, engine="gram", microbatch_size=microbatch_size)
+    optimizer = Sven(wrapped, lr=LR, k=64, rtol=1e-3, svd_mode=svd_mode)
+    before = flat_parameters(model)
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    assert not optimizer.last_step["skipped"] and optimizer.last_step["svd_mode"] == "gram"
+    return flat_parameters(model) - before
+
+
+def reference_step(case: ModelCase, dtype: torch.dtype, microbatch_size: int) -> Tensor:
+    model, batch = case.model_and_batch(dtype)
+    residuals, jacobian = reference_residuals_and_jacobian(
+        model, per_sample_squared_error, batch, microbatch_size=microbatch_size
+    )
+    return -LR * reference_direction(jacobian, residuals, k=64, rtol=1e-3)
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 2, 3], ids=["no_microbatch", "microbatch_2", "ragged_3"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("svd_mode", ["gram", "auto"])
+@pytest.mark.parametrize("case_name", ["mlp", "cnn", "tokens", "custom_layer", "shared_weights", "attention"])
+def test_sven_step_on_the_gram_engine_matches_the_reference(
+    case_name: str, svd_mode: str, dtype: torch.dtype, microbatch_size: int
+) -> None:
+    case = CASES[case_name]
+    step = sven_step(case, dtype, svd_mode, microbatch_size)
+    assert relative_error(step, reference_step(case, dtype, microbatch_size)) <= STEP_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "tokens, d_in, d_out, ghost",
+    [(1, 30, 20, True), (40, 2, 3, False)],
+    ids=["ghost_form", "materialised_form"],
+)
+def test_outer_product_block_takes_each_gram_form_exactly(tokens: int, d_in: int, d_out: int, ghost: bool) -> None:
+    """Shapes that force the ghost (T²) form and the materialised per-sample form; both equal J Jᵀ."""
+    torch.manual_seed(0)
+    model = nn.Linear(d_in, d_out).to(torch.float64)
+    batch = (torch.randn(6, tokens, d_in, dtype=torch.float64), torch.randn(6, tokens, d_out, dtype=torch.float64))
+    _, _, operator = engine_operator(model, batch)
+    (block,) = operator.blocks
+    assert isinstance(block, OuterProductBlock) and block.uses_ghost_form == ghost
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
+
+
+def test_batch_norm_in_train_mode_is_refused_naming_the_module() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).to(torch.float64)
+    wrapped = SvenWrapper(model, per_sample_squared_error, engine="gram")
+    batch = (torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) is in train mode.*eval.*GroupNorm"):
+        wrapped.loss_and_grad(batch)
+
+
+
+@pytest.mark.parametrize(
+    "case_name, block_type, positions",
+    [("shared_weights", OuterProductBlock, 2), ("shared_embedding", EmbeddingBlock, 12)],
+)
+def test_a_layer_called_twice_stays_one_factored_block(case_name: str, block_type: type, positions: int) -> None:
+    """Repeated calls concatenate positions (1 or 6 per call here) instead of materialising per-sample gradients."""
+    model, batch = CASES[case_name].model_and_batch(torch.float64)
+    _, _, operator = engine_operator(model, batch)
+    first_layer = next(model.children())
+    (shared,) = [block for block in operator.blocks if block.params[0] is first_layer.weight]
+    assert len(operator.blocks) == 2 and isinstance(shared, block_type)
+    assert shared.backprops.shape[1] == positions
