@@ -12,6 +12,7 @@ having to know the layer type:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -42,6 +43,14 @@ class GradientBlock(ABC):
         """
         totals = [sum(grads) for grads in zip(*(block.per_sample() for block in blocks))]
         return MaterializedBlock(blocks[0].params, totals)
+
+    def gathered(self, gather: Callable[[Tensor], Tensor]) -> GradientBlock:
+        """This block over the global batch of a process group (``sven.distributed``).
+
+        ``gather`` maps a rank's (B_r, …) tensor to all ranks' tensors concatenated, (B_global, …).
+        This default gathers the per-sample gradients; factored blocks override it to gather less.
+        """
+        return MaterializedBlock(self.params, [gather(grads) for grads in self.per_sample()])
 
 
 class MaterializedBlock(GradientBlock):
@@ -129,3 +138,11 @@ class OuterProductBlock(GradientBlock):
         if self.bias is not None:
             grads.append(self.backprops.sum(dim=1).reshape(batch, *self.bias.shape))
         return grads
+
+    def gathered(self, gather: Callable[[Tensor], Tensor]) -> GradientBlock:
+        """Gathers activations and backprops, T·(d_in + d_out) values a sample, or the per-sample
+        gradients, d_in·d_out (+ d_out) values a sample, whichever are fewer."""
+        _, tokens, d_in = self.activations.shape
+        if tokens * (d_in + self.backprops.shape[-1]) > sum(p.numel() for p in self.params):
+            return super().gathered(gather)
+        return OuterProductBlock(self.weight, self.bias, gather(self.activations), gather(self.backprops))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -66,6 +68,14 @@ class EmbeddingBlock(GradientBlock):
         grads = torch.zeros(batch * vocab, dim, dtype=self.weight.dtype, device=self.weight.device)
         grads.index_add_(0, samples * vocab + self.indices.reshape(-1), self.backprops.reshape(batch * tokens, dim))
         return [grads.view(batch, vocab, dim)]
+
+    def gathered(self, gather: Callable[[Tensor], Tensor]) -> GradientBlock:
+        """Gathers indices and backprops, T·(1 + dim) values a sample, or the per-sample
+        gradients, V·dim values a sample, whichever are fewer."""
+        tokens = self.indices.shape[1]
+        if tokens * (1 + self.weight.shape[1]) > self.weight.numel():
+            return super().gathered(gather)
+        return EmbeddingBlock(self.weight, gather(self.indices), gather(self.backprops))
 
 
 def _supported(layer: nn.Embedding) -> bool:
