@@ -128,3 +128,22 @@ def test_auto_takes_an_svd_below_the_gram_rtol_limit() -> None:
     step, optimizer = sven_step(case, torch.float64, "gram", "auto")
     assert optimizer.last_step["svd_mode"] == "torch"
     assert relative_error(step, reference_step(case, torch.float64)) <= TOLERANCE[torch.float64]
+
+
+def test_step_scales_with_the_lr_a_scheduler_sets() -> None:
+    """lr lives in param_groups[0]["lr"]: after StepLR(gamma=0.25) the step is a quarter of the reference's."""
+    case = CASES["mlp_b_lt_p"]
+    model, batch = case.model_and_batch(torch.float64)
+    wrapped = SvenWrapper(model, per_sample_mse)
+    optimizer = Sven(wrapped, lr=LR, k=case.k, rtol=case.rtol)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.25)
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == LR * 0.25
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    before = flat_parameters(model)
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    expected = -LR * 0.25 * reference_direction(jacobian, residuals, case.k, case.rtol)
+    assert relative_error(flat_parameters(model) - before, expected) <= TOLERANCE[torch.float64]
