@@ -21,6 +21,7 @@ from sven.jacobian.blocks import OuterProductBlock
 from sven.jacobian.layers.embedding import EmbeddingBlock
 from sven.nn import SvenWrapper
 from sven.opt import Sven
+from sven.opt.pinv import CertifiedGramSpectrum, nothing_to_cut, pinv_direction, truncated_spectrum
 
 GRAM_TOLERANCE = 1e-10
 STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -269,3 +270,67 @@ def test_a_layer_called_twice_stays_one_factored_block(case_name: str, block_typ
     (shared,) = [block for block in operator.blocks if block.params[0] is first_layer.weight]
     assert len(operator.blocks) == 2 and isinstance(shared, block_type)
     assert shared.backprops.shape[1] == positions
+
+
+def mlp_operator(batch_size: int, duplicated: bool = False) -> tuple[GramJacobian, Tensor, Tensor]:
+    """(operator, residuals r, reference J) for the per-sample losses of a 5-16-3 MLP (P = 147)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    distinct = batch_size // 2 if duplicated else batch_size
+    x = torch.randn(distinct, 5, generator=generator, dtype=torch.float64)
+    y = torch.randn(distinct, 3, generator=generator, dtype=torch.float64)
+    batch = (torch.cat([x, x]), torch.cat([y, y])) if duplicated else (x, y)
+    _, losses, operator = engine_operator(model, batch)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    return operator, losses, jacobian
+
+
+@pytest.mark.parametrize(
+    "batch_size, k, rtol, duplicated, certified",
+    [
+        (12, 12, 1e-3, False, True),  # well conditioned, k ≥ rows: Cholesky, no eigh
+        (12, 64, 0.0, False, True),  # rtol 0: the cut is the Gram route's floor
+        (12, 11, 1e-3, False, False),  # k < rows: the top k need eigh
+        (12, 64, 0.3, False, False),  # rtol cuts some σ: certification must fail
+        (12, 64, 1e-3, True, False),  # duplicated samples: rank 6 of 12
+    ],
+    ids=["certified", "rtol_zero", "k_below_rows", "rtol_cuts", "rank_deficient"],
+)
+def test_gram_route_certifies_only_when_nothing_is_cut(
+    batch_size: int, k: int, rtol: float, duplicated: bool, certified: bool
+) -> None:
+    operator, residuals, jacobian = mlp_operator(batch_size, duplicated)
+    sigma = torch.linalg.svdvals(jacobian)
+    spectrum = truncated_spectrum(operator, "gram", k, rtol)
+    assert isinstance(spectrum, CertifiedGramSpectrum) == certified
+    assert certified == (k >= batch_size and bool(sigma[-1] > max(rtol, 1e-7) * sigma[0]))
+    direction = pinv_direction(spectrum, operator, residuals)
+    assert relative_error(direction, reference_direction(jacobian, residuals, k, rtol)) <= 1e-9
+    assert spectrum.rank_kept == min(k, int((sigma > max(rtol, 1e-7) * sigma[0]).sum()))
+    assert relative_error(spectrum.sigma, sigma[: spectrum.rank_kept]) <= 1e-10
+
+
+def test_certified_route_applies_damping_as_the_filtered_svd() -> None:
+    """With damping λ the Cholesky route solves (M Mᵀ + λI) c = r: V diag(σ/(σ² + λ)) Uᵀ r."""
+    operator, residuals, jacobian = mlp_operator(12)
+    spectrum = truncated_spectrum(operator, "gram", 64, 1e-3)
+    assert isinstance(spectrum, CertifiedGramSpectrum)
+    u, sigma, vh = torch.linalg.svd(jacobian, full_matrices=False)
+    damping = float(sigma[0] * sigma[-1])
+    expected = vh.T @ (sigma / (sigma**2 + damping) * (u.T @ residuals))
+    assert relative_error(pinv_direction(spectrum, operator, residuals, damping), expected) <= 1e-10
+
+
+@pytest.mark.parametrize("ratio", [0.999, 0.9, 0.5, 1e-3])
+def test_nothing_to_cut_never_certifies_a_spectrum_with_a_value_below_the_cut(ratio: float) -> None:
+    """Gram matrices whose smallest σ is ratio·(cut) < cut: the certificate must always refuse."""
+    rtol = 1e-3
+    generator = torch.Generator().manual_seed(4)
+    for size in (2, 16, 64):
+        q = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64)).Q
+        sigma = torch.logspace(0, -2, size, dtype=torch.float64)
+        sigma[-1] = ratio * rtol
+        assert not nothing_to_cut(q @ torch.diag(sigma**2) @ q.T, rtol)
+        sigma[-1] = 4 * rtol
+        assert nothing_to_cut(q @ torch.diag(sigma**2) @ q.T, rtol)

@@ -18,8 +18,9 @@ rows ≤ cols and rtol ≥ 1e-6, else "torch"; equal to "torch" up to round-off)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -100,10 +101,80 @@ def _gram_eigh(gram: Tensor) -> tuple[Tensor, Tensor, float]:
     return eigenvectors, eigenvalues.clamp(min=0).sqrt(), _eig_floor(gram.shape[0])
 
 
+class CertifiedGramSpectrum(Spectrum):
+    """M Mᵀ proved to have every σ above the cut: nothing is truncated and M⁺r = Mᵀ (M Mᵀ)⁻¹ r.
+
+    The step solves with a Cholesky factor of the Gram matrix (rows × rows, float64);
+    ``u``, ``sigma`` and ``sigma_all`` — the very values the eigh route returns — are
+    computed by one eigh only when something reads them (diagnostics).
+    """
+
+    def __init__(self, gram: Tensor, rtol_used: float) -> None:
+        self.gram = gram
+        self.v = None
+        self.rtol_used = rtol_used
+
+    @cached_property
+    def _eigen(self) -> Spectrum:
+        u, sigma, _ = _gram_eigh(self.gram)
+        return _truncate(u, sigma, None, self.gram.shape[0], self.rtol_used, 0.0)
+
+    @property
+    def u(self) -> Tensor:
+        return self._eigen.u
+
+    @property
+    def sigma(self) -> Tensor:
+        return self._eigen.sigma
+
+    @property
+    def sigma_all(self) -> Tensor:
+        return self._eigen.sigma_all
+
+    @property
+    def rank_kept(self) -> int:
+        return self.gram.shape[0]
+
+    def solve(self, residuals: Tensor, damping: float = 0.0) -> Tensor:
+        """c = (M Mᵀ + damping·I)⁻¹ r for r (rows,) float64; returns (rows,) float64."""
+        shifted = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
+        factor = torch.linalg.cholesky(shifted)
+        return torch.cholesky_solve(residuals.unsqueeze(1), factor).squeeze(1)
+
+
+def _identity_like(square: Tensor) -> Tensor:
+    return torch.eye(square.shape[0], dtype=square.dtype, device=square.device)
+
+
+def nothing_to_cut(gram: Tensor, rtol_used: float) -> bool:
+    """Whether every eigenvalue of the Gram matrix G (n, n) provably exceeds (rtol_used·σ_max)².
+
+    λ_max ≤ U = min(‖G‖_∞, ‖G‖_F), inflated to cover the rounding of these sums. A Cholesky
+    factorisation of G − τI with τ = rtol_used²·U + s·tr(G), s = 4(n + 2)ε, that succeeds in
+    floating point proves G − rtol_used²·U·I positive definite: the extra s·tr(G) exceeds the
+    factorisation's backward error (Rump, BIT 2006) and the error of an eigh of G, so the eigh
+    route would keep every value too. A False answer proves nothing: the caller takes eigh.
+    """
+    slack = 4 * (gram.shape[0] + 2) * FLOAT64_EPS
+    row_sums = float(gram.abs().sum(dim=1).max())
+    upper = min(row_sums, float(torch.linalg.matrix_norm(gram))) * (1 + slack)
+    shift = rtol_used**2 * upper + slack * float(gram.diagonal().sum())
+    _, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
+    return int(info) == 0
+
+
 @_solver("gram")
 def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions) -> Spectrum:
-    """eigh of M Mᵀ (rows × rows, float64); λ = σ²; V is never formed."""
-    u, sigma, floor = _gram_eigh(op.gram())
+    """M Mᵀ (rows × rows, float64); λ = σ²; V is never formed.
+
+    When k ≥ rows and ``nothing_to_cut`` proves that no σ falls below the cut, the
+    step needs no eigendecomposition (``CertifiedGramSpectrum``); otherwise eigh.
+    """
+    gram = op.gram()
+    rtol_used = max(rtol, _eig_floor(gram.shape[0]))
+    if k >= gram.shape[0] and nothing_to_cut(gram, rtol_used):
+        return CertifiedGramSpectrum(gram, rtol_used)
+    u, sigma, floor = _gram_eigh(gram)
     return _truncate(u, sigma, None, k, rtol, floor)
 
 
@@ -216,6 +287,8 @@ def pinv_direction(spectrum: Spectrum, op: JacobianOperator, residuals: Tensor, 
     With ``damping`` λ > 0 each kept σ contributes σ/(σ² + λ) instead of 1/σ
     (Tikhonov filtering; λ = 0 is the exact truncated pseudoinverse).
     """
+    if isinstance(spectrum, CertifiedGramSpectrum):
+        return op.rmatmul(spectrum.solve(residuals.to(torch.float64), damping))
     sigma = spectrum.sigma
     projected = spectrum.u.T @ residuals.to(torch.float64)
     inverse_sigma = sigma / (sigma**2 + damping) if damping > 0 else 1.0 / sigma
