@@ -14,6 +14,7 @@ from sven.jacobian import (
     ParamSpace,
     RowTransformedJacobian,
     check_no_batch_coupling,
+    check_per_sample_losses,
     functorch_jacobian,
 )
 from sven.nn.residuals import residuals_and_row_map
@@ -51,7 +52,9 @@ class SvenWrapper:
         kappa: residuals are r = l^(kappa/2): 2 inverts the losses themselves, 1 the
             Gauss–Newton residuals √l. Must be > 0.
         param_fraction: f in (0, 1]; each step differentiates a fresh random subset of
-            ⌊f·P⌋ parameters (drawn from torch's global RNG) and moves only those.
+            ⌊f·P⌋ parameters and moves only those. The subsets are drawn from the wrapper's
+            own ``generator`` (seeded from torch's global RNG at construction), whose state
+            ``Sven.state_dict()`` carries.
         microbatch_size: m ≥ 1; losses are averaged over consecutive groups of m samples
             before the power, so M has ⌈B/m⌉ rows; the last group is smaller when m ∤ B.
         engine: "gram" (hooks, never forms the B × P Jacobian), "functorch" (vmap of
@@ -91,6 +94,8 @@ class SvenWrapper:
         self.params = ParamSpace.of_module(self.model)
         self._gram_engine = GramEngine(self.model, self.params) if self.engine == "gram" else None
         self.state: JacobianState | None = None
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -101,7 +106,7 @@ class SvenWrapper:
             return None
         total = self.params.size
         count = max(1, int(self.param_fraction * total))
-        return torch.randperm(total, device=self.device)[:count].sort().values
+        return torch.randperm(total, device=self.device, generator=self.generator)[:count].sort().values
 
     def loss_and_grad(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
         """Forward the batch ``(x, y, *extra)`` and compute the Jacobian of its residuals.
@@ -133,6 +138,12 @@ class SvenWrapper:
             operator = RowTransformedJacobian(operator, row_map)
         self.state = JacobianState(operator, residuals, losses, columns, batch)
         return losses, preds
+
+    @torch.no_grad()
+    def batch_losses(self, batch: tuple) -> Tensor:
+        """Per-sample losses (B,) of the model as it is now on a batch ``(x, y, *extra)``: forward only."""
+        inputs, targets, *extra = batch
+        return check_per_sample_losses(self.loss_fn(self.model(inputs), targets, *extra), targets.shape[0])
 
     def engine_plan(self) -> dict[str, list[str]]:
         """For the Gram engine: the layers on the fast path and the parameters on the fallback."""
