@@ -9,8 +9,10 @@ import torch
 from conftest import flat_parameters, make_batch, make_mlp, per_sample_mse
 from reference import EPS64, reference_direction, reference_residuals_and_jacobian, relative_error
 
+from sven.jacobian import DenseJacobian
 from sven.nn import SvenWrapper
 from sven.opt import Sven
+from sven.opt.pinv import pinv_direction, truncated_spectrum
 
 EXACT_MODES = ("torch", "gram", "auto", "scipy", "lobpcg")
 ENGINES = ("gram", "functorch")
@@ -147,3 +149,17 @@ def test_step_scales_with_the_lr_a_scheduler_sets() -> None:
     optimizer.step()
     expected = -LR * 0.25 * reference_direction(jacobian, residuals, case.k, case.rtol)
     assert relative_error(flat_parameters(model) - before, expected) <= TOLERANCE[torch.float64]
+
+
+def test_lobpcg_with_k_above_the_rank_takes_the_reference_step() -> None:
+    """torch.lobpcg asked for 8 eigenpairs of a rank-4 M Mᵀ (24 × 24): the zero ones are cut, the step is exact."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(24, 4, generator=generator, dtype=torch.float64) @ torch.randn(
+        4, 60, generator=generator, dtype=torch.float64
+    )
+    residuals = torch.randn(24, generator=generator, dtype=torch.float64)
+    operator = DenseJacobian(matrix)
+    spectrum = truncated_spectrum(operator, "lobpcg", 8, 1e-3)
+    assert spectrum.rank_kept == 4
+    direction = pinv_direction(spectrum, operator, residuals)
+    assert relative_error(direction, reference_direction(matrix, residuals, 8, 1e-3)) <= TOLERANCE[torch.float64]
