@@ -1,0 +1,76 @@
+"""The Gram engine's fast path never allocates a tensor of the size of the Jacobian (B × P).
+
+A ``TorchDispatchMode`` records the number of elements of every tensor each aten op
+returns (forward, autograd backward and the solver alike). On an MLP where B·P is far
+larger than every activation and weight, ``loss_and_grad`` + ``step`` must stay below
+B·P / 4 — and the functorch engine, which materialises J, must trip the same detector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_batch, make_mlp, per_sample_mse
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from sven.nn import SvenWrapper
+from sven.opt import Sven
+
+SIZES = [64, 256, 256, 8]
+BATCH = 32
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest numel of any tensor an aten op returns, and which op returned it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.numel:
+                self.numel, self.op = leaf.numel(), str(func)
+        return out
+
+
+def largest_allocation_of_a_step(engine: str, svd_mode: str, k: int) -> tuple[int, str, int]:
+    """(largest numel, its op, B·P) over one ``loss_and_grad`` + ``step`` of Sven on ``engine``."""
+    model = make_mlp(SIZES, torch.float32)
+    batch = make_batch(BATCH, SIZES[0], SIZES[-1], torch.float32)
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
+    optimizer = Sven(wrapped, lr=0.1, k=k, svd_mode=svd_mode)
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    with LargestAllocation() as recorder:
+        wrapped.loss_and_grad(batch)
+        optimizer.step()
+    assert not optimizer.last_step["skipped"]
+    return recorder.numel, recorder.op, BATCH * wrapped.params.size
+
+
+def test_the_model_makes_b_times_p_far_larger_than_any_weight_or_activation() -> None:
+    model = make_mlp(SIZES)
+    parameters = sum(p.numel() for p in model.parameters())
+    largest_layer = max(p.numel() for p in model.parameters())
+    assert BATCH * parameters >= 40 * max(largest_layer, BATCH * max(SIZES))
+    assert BATCH * largest_layer >= BATCH * parameters // 4, "a per-sample gradient of one layer must trip too"
+
+
+@pytest.mark.parametrize("svd_mode, k", [("gram", 64), ("gram", 8), ("auto", 64)],
+                         ids=["cholesky_route", "eigh_route", "auto"])
+def test_gram_engine_step_allocates_nothing_of_jacobian_size(svd_mode: str, k: int) -> None:
+    largest, op, jacobian_size = largest_allocation_of_a_step("gram", svd_mode, k)
+    weights = max(p.numel() for p in make_mlp(SIZES).parameters())
+    assert weights <= largest < jacobian_size // 4, f"{op} returned {largest} elements; B·P = {jacobian_size}"
+
+
+def test_the_detector_trips_on_the_functorch_engine() -> None:
+    """The same recorder sees the functorch engine's materialised Jacobian (B·P elements)."""
+    largest, _, jacobian_size = largest_allocation_of_a_step("functorch", "gram", 64)
+    assert largest >= jacobian_size
