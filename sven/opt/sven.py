@@ -15,6 +15,7 @@ from sven.jacobian.operator import JacobianOperator
 from sven.nn.wrapper import JacobianState, SvenWrapper
 from sven.opt.damping import DampingSchedule, search_damping
 from sven.opt.pinv import SVD_MODES, SolverOptions, Spectrum, pinv_direction, resolve_mode, truncated_spectrum
+from sven.opt.report import StepReport, spectrum_entries
 from sven.opt.rmsprop import ColumnScaledJacobian, column_scale, updated_square_average
 from sven.opt.variable_k import greedy_rank, leading
 
@@ -131,7 +132,7 @@ class Sven(torch.optim.Optimizer):
         self._groups_fixed = True
         self.track_svd_info = track_svd_info
         self.svd_history: list[dict[str, Any]] = []
-        self.last_step: dict[str, Any] = {}
+        self.last_step: StepReport = StepReport({})
         self.step_count = 0
         self.current_damping = float(damping_init)
         self.square_avg: Tensor | None = None
@@ -197,8 +198,8 @@ class Sven(torch.optim.Optimizer):
 
     def _skip(self, reason: str, losses: Tensor, bad_samples: int = 0) -> Tensor:
         warnings.warn(f"Sven skipped the step: {reason}; no parameter was changed", RuntimeWarning, stacklevel=3)
-        self.last_step = {"skipped": True, "reason": reason, "bad_samples": bad_samples,
-                          "mean_loss": float(losses.double().mean())}
+        self.last_step = StepReport({"skipped": True, "reason": reason, "bad_samples": bad_samples,
+                                     "mean_loss": float(losses.double().mean())})
         return losses
 
     @torch.no_grad()
@@ -298,23 +299,20 @@ class Sven(torch.optim.Optimizer):
                 return self._skip("the solver returned a non-finite direction", state.losses)
             self.wrapped.params.add_flat_(update, scales, columns)
         self._commit(square_avg, update if settings["mu_rmsprop"] != 0 else None)
-        self.last_step = {
+        self.last_step = StepReport({
             "skipped": False,
             "svd_mode": mode,
             "solver_note": solver_note,
             "rank_kept": spectrum.rank_kept,
-            "sigma_max": spectrum.sigma_max,
-            "singular_values": spectrum.sigma.cpu(),
-            "rtol_cut": spectrum.rtol_used * spectrum.sigma_max,
             "step_norm": 0.0 if update is None else self._step_norm(update, columns),
             "mean_loss": mean_loss,
             "solve_time": solve_time,
             "step_time": time.perf_counter() - started,
             **report,
-        }
+        }, spectrum)
         if self.track_svd_info:
-            self.svd_history.append({"step": self.step_count, "singular_values": spectrum.sigma_all.cpu(),
-                                     "rank_kept": spectrum.rank_kept, "rtol_cut": self.last_step["rtol_cut"]})
+            self.svd_history.append({"step": self.step_count, "rank_kept": spectrum.rank_kept,
+                                     **spectrum_entries(spectrum), "singular_values": spectrum.sigma_all.cpu()})
         return state.losses
 
     def _commit(self, square_avg: Tensor | None, momentum: Tensor | None) -> None:

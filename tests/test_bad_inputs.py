@@ -1,0 +1,265 @@
+"""Never a silent wrong step: each bad input ends in a clear error or in a reported skip that changes nothing.
+
+A skipped step leaves every parameter and the whole optimizer state bit-identical
+and says why in ``optimizer.last_step``. Inputs that are unusual but valid (k > B,
+k > P, B = 1, frozen parameters, half precision, Dropout, extra batch tensors)
+give the dense float64 reference step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import flat_parameters, make_batch, make_mlp, parameter_snapshot, per_sample_mse
+from reference import reference_direction, reference_residuals_and_jacobian, relative_error
+from torch import Tensor, nn
+
+from sven import Sven, SvenWrapper
+
+ENGINES = ["gram", "functorch"]
+
+
+def stepped_optimizer(model: nn.Module, engine: str = "gram", **options) -> tuple[SvenWrapper, Sven]:
+    """A wrapper and an optimizer with RMSProp and momentum buffers already filled by one good step."""
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
+    optimizer = Sven(wrapped, use_rmsprop=True, mu_rmsprop=0.5, **options)
+    optimizer.step(make_batch(8, model[0].in_features, model[-1].out_features, seed=7))
+    return wrapped, optimizer
+
+
+def assert_skipped_without_change(optimizer: Sven, batch: tuple, reason: str) -> None:
+    params = parameter_snapshot(optimizer.wrapped.model)
+    before = optimizer.state_dict()
+    with pytest.warns(RuntimeWarning, match="skipped the step"):
+        optimizer.step(batch)
+    after = optimizer.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(params, parameter_snapshot(optimizer.wrapped.model)))
+    assert before["param_groups"] == after["param_groups"]
+    for key, value in before["sven"].items():
+        same = torch.equal(value, after["sven"][key]) if isinstance(value, Tensor) else value == after["sven"][key]
+        assert same, f"optimizer state {key!r} changed on a skipped step"
+    assert optimizer.last_step["skipped"] is True
+    assert reason in optimizer.last_step["reason"]
+
+
+def assert_reference_step(model: nn.Module, batch: tuple, lr: float = 0.1, k: int = 64, rtol: float = 1e-3,
+                          engine: str = "gram", tolerance: float = 1e-8) -> Sven:
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    expected = -lr * reference_direction(jacobian, residuals, k, rtol)
+    before = flat_parameters(model)
+    optimizer = Sven(SvenWrapper(model, per_sample_mse, engine=engine), lr=lr, k=k, rtol=rtol)
+    optimizer.step(batch)
+    assert relative_error(flat_parameters(model) - before, expected) < tolerance
+    return optimizer
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("reduce, shape", [
+    (lambda losses: losses.mean(), r"\(\)"),
+    (lambda losses: losses.mean(dim=1, keepdim=True), r"\(8, 1\)"),
+    (lambda losses: losses, r"\(8, 2\)"),
+])
+def test_losses_that_are_not_one_per_sample_are_refused(engine: str, reduce, shape: str) -> None:
+    """Scalar, (B, 1) and (B, C) losses: the error names the shape received and the (B,) expected."""
+    wrapped = SvenWrapper(make_mlp([3, 4, 2]), lambda p, t: reduce((p - t) ** 2), engine=engine)
+    with pytest.raises(ValueError, match=rf"per-sample losses: got shape {shape}; expected \(B,\) = \(8,\)"):
+        wrapped.loss_and_grad(make_batch(8, 3, 2))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("where, value", [("target", float("nan")), ("target", float("inf")),
+                                          ("input", float("nan")), ("input", float("inf"))])
+def test_non_finite_losses_or_inputs_skip_the_step(engine: str, where: str, value: float) -> None:
+    _, optimizer = stepped_optimizer(make_mlp([3, 4, 2]), engine)
+    x, y = make_batch(8, 3, 2)
+    (y if where == "target" else x)[3, 0] = value
+    assert_skipped_without_change(optimizer, (x, y), "1 of 8 samples have a non-finite loss or Jacobian row")
+    assert optimizer.last_step["bad_samples"] == 1
+
+
+def mse_with_nan_gradient_where_scale_is_zero(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    """Per-sample MSE plus 0·√(scale·‖pred‖²): a finite loss whose gradient is NaN where scale = 0."""
+    return per_sample_mse(pred, target) + 0.0 * (scale * (pred**2).sum(dim=1)).sqrt()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_nan_jacobian_row_with_finite_losses_skips_the_step(engine: str) -> None:
+    model = make_mlp([3, 4, 2])
+    wrapped = SvenWrapper(model, mse_with_nan_gradient_where_scale_is_zero, engine=engine)
+    optimizer = Sven(wrapped)
+    x, y = make_batch(8, 3, 2)
+    scale = torch.ones(8, dtype=torch.float64)
+    scale[5] = 0.0
+    losses, _ = wrapped.loss_and_grad((x, y, scale))
+    assert bool(torch.isfinite(losses).all())
+    assert_skipped_without_change(optimizer, (x, y, scale), "1 of 8 samples")
+
+
+def test_an_all_zero_jacobian_skips_with_the_reason() -> None:
+    """ReLUs that died after a step, before a bias-free output layer: no loss depends on any parameter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=False)).double()
+    _, optimizer = stepped_optimizer(model)
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    assert_skipped_without_change(optimizer, make_batch(8, 3, 2), "the Jacobian is zero (σ_max = 0)")
+
+
+def test_an_rtol_that_keeps_nothing_skips_with_the_reason() -> None:
+    _, optimizer = stepped_optimizer(make_mlp([3, 4, 2]))
+    optimizer.param_groups[0]["rtol"] = 1.0
+    assert_skipped_without_change(optimizer, make_batch(8, 3, 2), "no singular value is above the cut")
+
+
+def test_k_larger_than_the_batch_keeps_every_value_above_the_cut() -> None:
+    optimizer = assert_reference_step(make_mlp([3, 6, 2]), make_batch(8, 3, 2), k=100)
+    assert optimizer.last_step["rank_kept"] == 8
+
+
+def test_k_larger_than_the_parameter_count_keeps_at_most_p_values() -> None:
+    model = make_mlp([2, 1])
+    optimizer = assert_reference_step(model, make_batch(16, 2, 1), k=50)
+    assert optimizer.last_step["rank_kept"] == 3 and optimizer.last_step["svd_mode"] == "torch"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_batch_of_one_sample_takes_the_reference_step(engine: str) -> None:
+    optimizer = assert_reference_step(make_mlp([3, 4, 2]), make_batch(1, 3, 2), engine=engine)
+    assert optimizer.last_step["rank_kept"] == 1
+
+
+def test_an_empty_batch_is_refused() -> None:
+    wrapped = SvenWrapper(make_mlp([3, 4, 2]), per_sample_mse)
+    x, y = make_batch(8, 3, 2)
+    with pytest.raises(ValueError, match=r"at least one sample along dim 0; got y of shape \(0, 2\)"):
+        Sven(wrapped).step((x[:0], y[:0]))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_frozen_parameters_stay_untouched_and_are_not_counted(engine: str) -> None:
+    model = make_mlp([3, 4, 2])
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
+    assert wrapped.params.size == sum(p.numel() for p in model.parameters()) - frozen.numel()
+    assert_reference_step(model, make_batch(8, 3, 2), engine=engine)
+    assert torch.equal(model[0].weight, frozen)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
+def test_half_precision_models_step_close_to_the_float32_step(dtype: torch.dtype, tolerance: float) -> None:
+    """Gram and solve run in float64, the update is cast back: the step differs from float32 by round-off only.
+
+    Measured: 1.6e-3 (float16) and 1.9e-2 (bfloat16, 8-bit mantissa) relative to the step.
+    """
+    half = make_mlp([3, 16, 2], dtype=dtype)
+    single = copy.deepcopy(half).float()
+    x, y = make_batch(8, 3, 2, dtype=torch.float32)
+    steps = []
+    for model, batch in ((half, (x.to(dtype), y.to(dtype))), (single, (x, y))):
+        before = flat_parameters(model)
+        Sven(SvenWrapper(model, per_sample_mse), lr=1.0).step(batch)
+        steps.append(flat_parameters(model) - before)
+    assert all(p.dtype == dtype for p in half.parameters())
+    assert relative_error(steps[0], steps[1]) < tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA) to hold the model")
+def test_a_batch_on_another_device_is_moved_to_the_model() -> None:
+    model = make_mlp([3, 4, 2])
+    reference = copy.deepcopy(model)
+    batch = make_batch(8, 3, 2)
+    wrapped = SvenWrapper(model, per_sample_mse, device="cuda")
+    losses = Sven(wrapped).step(batch)
+    assert losses.device.type == "cuda"
+    assert_reference_step(reference, batch, tolerance=1e-6)
+    assert relative_error(flat_parameters(model.cpu()), flat_parameters(reference)) < 1e-6
+
+
+def test_batchnorm_in_train_mode_is_refused_and_works_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    wrapped = SvenWrapper(model, per_sample_mse)
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) is in train mode"):
+        Sven(wrapped).step(make_batch(8, 3, 2))
+    model.eval()
+    assert_reference_step(model, make_batch(8, 3, 2))
+
+
+class FixedMask(nn.Module):
+    """Multiplies by one stored dropout mask (B, d): the reference model for a Dropout forward."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.mask
+
+
+def test_dropout_uses_one_mask_for_the_losses_and_the_jacobian() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    masks = []
+    model[2].register_forward_hook(lambda module, args, out: masks.append((out / args[0]).detach()))
+    wrapped = SvenWrapper(model, per_sample_mse)
+    batch = make_batch(8, 3, 2)
+    losses, _ = wrapped.loss_and_grad(batch)
+    assert len(masks) == 1 and bool((masks[0] == 0).any())
+    frozen_mask = nn.Sequential(model[0], model[1], FixedMask(masks[0]), model[3])
+    residuals, jacobian = reference_residuals_and_jacobian(frozen_mask, per_sample_mse, batch)
+    assert relative_error(losses, residuals) < 1e-12
+    assert relative_error(wrapped.state.operator.dense(), jacobian) < 1e-12
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_extra_batch_tensors_reach_the_loss(engine: str) -> None:
+    weighted = lambda pred, target, weight: weight * per_sample_mse(pred, target)  # noqa: E731
+    model = make_mlp([3, 4, 2])
+    x, y = make_batch(8, 3, 2)
+    weight = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+    residuals, jacobian = reference_residuals_and_jacobian(model, weighted, (x, y, weight))
+    wrapped = SvenWrapper(model, weighted, engine=engine)
+    losses, _ = wrapped.loss_and_grad((x, y, weight))
+    assert relative_error(losses, residuals) < 1e-12
+    assert relative_error(wrapped.state.operator.dense(), jacobian) < 1e-12
+
+
+def test_a_loss_closing_over_batch_tensors_works_batched_and_is_refused_per_sample() -> None:
+    """The Gram engine evaluates the loss on the whole batch; the functorch engine per sample, where a
+    closed-over (B,) tensor turns one sample's loss into B values: that must be an error, not a wrong step."""
+    weight = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+    closing = lambda pred, target: weight * per_sample_mse(pred, target)  # noqa: E731
+    model = make_mlp([3, 4, 2])
+    batch = make_batch(8, 3, 2)
+    residuals, jacobian = reference_residuals_and_jacobian(model, closing, batch)
+    wrapped = SvenWrapper(model, closing, engine="gram")
+    wrapped.loss_and_grad(batch)
+    assert relative_error(wrapped.state.operator.dense(), jacobian) < 1e-12
+    with pytest.raises(ValueError, match="loss_fn must return per-sample losses"):
+        SvenWrapper(model, closing, engine="functorch").loss_and_grad(batch)
+
+
+def failing(name: str):
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError(f"{name}: simulated convergence failure")
+    return fail
+
+
+def test_an_eigensolver_failure_falls_back_to_a_float64_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_mlp([3, 6, 2])
+    batch = make_batch(8, 3, 2)
+    monkeypatch.setattr(torch.linalg, "eigh", failing("eigh"))
+    with pytest.warns(RuntimeWarning, match="fell back to the float64 SVD"):
+        optimizer = assert_reference_step(model, batch, k=5)
+    assert optimizer.last_step["svd_mode"] == "torch"
+    assert "svd_mode 'gram' failed (eigh: simulated convergence failure)" in optimizer.last_step["solver_note"]
+
+
+def test_when_the_svd_fallback_fails_too_the_step_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, optimizer = stepped_optimizer(make_mlp([3, 6, 2]), k=5)
+    monkeypatch.setattr(torch.linalg, "eigh", failing("eigh"))
+    monkeypatch.setattr(torch.linalg, "svd", failing("svd"))
+    assert_skipped_without_change(optimizer, make_batch(8, 3, 2), "its float64 SVD fallback failed too")
