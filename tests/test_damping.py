@@ -6,6 +6,8 @@ prediction residuals e = f(x) − y, and the filtered truncated SVD V diag(σ/(�
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import flat_parameters, make_batch, make_mlp, per_sample_mse
@@ -149,3 +151,32 @@ def test_adaptive_steps_lower_the_real_batch_loss_and_state_dict_carries_lambda(
 def test_bad_damping_options_are_refused(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Sven(SvenWrapper(make_mlp([3, 4, 2]), per_sample_mse), **options)
+
+
+def test_the_lm_baseline_says_how_to_install_the_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sven.bench.lm_baseline import LevenbergMarquardtStepper, LevenbergMarquardtUnavailable
+
+    monkeypatch.setitem(sys.modules, "torch_levenberg_marquardt", None)
+    with pytest.raises(LevenbergMarquardtUnavailable, match=r"pip install sven\[lm\]") as raised:
+        LevenbergMarquardtStepper(make_mlp([1, 4, 1]), per_sample_mse)
+    assert isinstance(raised.value, ImportError)
+
+
+def test_one_lm_package_step_equals_sven_with_kappa_one_and_damping_b_lambda() -> None:
+    """The package solves (JJᵀ/B + λI)c = e/B: its first accepted try is Sven's step with damping B·λ, lr 1.
+
+    λ = 2⁻⁷ because the package keeps λ in a float32 tensor.
+    """
+    pytest.importorskip("torch_levenberg_marquardt")
+    from sven.bench.lm_baseline import LevenbergMarquardtStepper
+
+    x, y = make_batch(16, 1, 1, seed=2)
+    lm_model, sven_model = make_mlp([1, 8, 8, 1], seed=1), make_mlp([1, 8, 8, 1], seed=1)
+    before = flat_parameters(lm_model)
+    stepper = LevenbergMarquardtStepper(lm_model, per_sample_mse, {"starting_value": 2.0**-7, "solve_method": "solve"})
+    loss_before = stepper.step(x, y)
+    assert stepper.last_logs["attempts"] == 1, "the comparison needs the package's first try to be accepted"
+    optimizer = Sven(SvenWrapper(sven_model, per_sample_mse, kappa=1.0), lr=1.0, k=16, rtol=0.0, damping=16 * 2.0**-7)
+    losses = optimizer.step((x, y))
+    assert loss_before == pytest.approx(float(losses.mean()), rel=1e-12)
+    assert relative_error(flat_parameters(lm_model) - before, flat_parameters(sven_model) - before) < 1e-9
