@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -13,8 +12,9 @@ from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
 from sven.nn.wrapper import JacobianState, SvenWrapper
+from sven.opt.candidate import CandidateSteps
 from sven.opt.damping import DampingSchedule, search_damping
-from sven.opt.pinv import SVD_MODES, SolverOptions, Spectrum, pinv_direction, resolve_mode, truncated_spectrum
+from sven.opt.pinv import SVD_MODES, SolverOptions, Spectrum, resolve_mode, truncated_spectrum
 from sven.opt.report import StepReport, spectrum_entries
 from sven.opt.rmsprop import ColumnScaledJacobian, column_scale, updated_square_average
 from sven.opt.variable_k import greedy_rank, leading
@@ -226,6 +226,7 @@ class Sven(torch.optim.Optimizer):
         return self._step(state, self._settings())
 
     def _step(self, state: JacobianState, settings: dict[str, Any]) -> Tensor:
+        """Check, scale, solve once, pick the update (plain, greedy rank or adaptive λ), apply it, report."""
         started = time.perf_counter()
         operator, residuals = state.operator, state.residuals
         bad = ~torch.isfinite(residuals) | operator.nonfinite_rows()
@@ -242,69 +243,29 @@ class Sven(torch.optim.Optimizer):
         if spectrum.rank_kept == 0:
             return self._skip(_nothing_kept_reason(spectrum), state.losses)
         mean_loss = float(state.losses.double().mean())
-        columns = state.columns if settings["mu_rmsprop"] == 0 else None
-
-        def update_for(kept: Spectrum, damping: float) -> Tensor:
-            """The flat update b (over ``columns``) that the step subtracts, times lr."""
-            direction = pinv_direction(kept, solve_operator, residuals, damping)
-            direction = direction if scale is None else direction * scale.to(direction.dtype)
-            if settings["mu_rmsprop"] == 0:
-                return direction
-            flat = torch.zeros(self.wrapped.params.size, dtype=BUFFER_DTYPE, device=direction.device)
-            flat[slice(None) if state.columns is None else state.columns] = direction.to(BUFFER_DTYPE)
-            previous = self.momentum if self.momentum is not None else torch.zeros_like(flat)
-            return settings["mu_rmsprop"] * previous + flat
-
-        scales = self._scales()
-        searches = settings["damping"] == "adaptive" or settings["variable_k"]
-        snapshot = [p.detach().clone() for p in self.wrapped.params.tensors] if searches else []
-
-        def loss_after(update: Tensor) -> float:
-            """Apply the update, return the batch's mean loss (inf if not finite); the update stays applied."""
-            self.wrapped.params.add_flat_(update, scales, columns)
-            loss = float(self.wrapped.batch_losses(state.batch).double().mean())
-            return loss if math.isfinite(loss) else math.inf
-
-        def restore() -> None:
-            for param, saved in zip(self.wrapped.params.tensors, snapshot):
-                param.copy_(saved)
-
-        damping = settings["damping"]
-        report: dict[str, Any] = {"damping": damping, "tries": 1, "accepted": True}
-        if damping == "adaptive":
-            tried: list[Tensor] = []
-
-            def try_step(candidate_damping: float) -> bool:
-                tried.append(update_for(spectrum, candidate_damping))
-                if bool(torch.isfinite(tried[-1]).all()) and loss_after(tried[-1]) < mean_loss:
-                    return True
-                restore()
-                return False
-
-            outcome = search_damping(_schedule(settings), self.current_damping, try_step)
-            self.current_damping = outcome.next_damping
-            update = tried[-1] if outcome.accepted else None
-            report = {"damping": outcome.damping_used, "tries": outcome.tries, "accepted": outcome.accepted,
-                      "next_damping": outcome.next_damping}
+        uses_momentum = settings["mu_rmsprop"] != 0
+        candidates = CandidateSteps(
+            self.wrapped, solve_operator, residuals, state.batch, state.columns, scale, self._lr_per_param(),
+            (self.momentum, settings["mu_rmsprop"]) if uses_momentum else None,
+            undoable=settings["damping"] == "adaptive" or settings["variable_k"],
+        )
+        if settings["damping"] == "adaptive":
+            update, report = self._adaptive_step(candidates, spectrum, mean_loss, settings)
         else:
             if settings["variable_k"]:
-                def loss_with_rank(rank: int) -> float:
-                    loss = loss_after(update_for(leading(spectrum, rank), damping))
-                    restore()
-                    return loss
-
-                spectrum = leading(spectrum, greedy_rank(spectrum, loss_with_rank))
-            update = update_for(spectrum, damping)
+                spectrum = self._greedy_spectrum(candidates, spectrum, settings["damping"])
+            update = candidates.update(spectrum, settings["damping"])
             if not bool(torch.isfinite(update).all()):
                 return self._skip("the solver returned a non-finite direction", state.losses)
-            self.wrapped.params.add_flat_(update, scales, columns)
-        self._commit(square_avg, update if settings["mu_rmsprop"] != 0 else None)
+            candidates.apply(update)
+            report = {"damping": settings["damping"], "tries": 1, "accepted": True}
+        self._commit(square_avg, update if uses_momentum else None)
         self.last_step = StepReport({
             "skipped": False,
             "svd_mode": mode,
             "solver_note": solver_note,
             "rank_kept": spectrum.rank_kept,
-            "step_norm": 0.0 if update is None else self._step_norm(update, columns),
+            "step_norm": 0.0 if update is None else candidates.step_norm(update),
             "mean_loss": mean_loss,
             "solve_time": solve_time,
             "step_time": time.perf_counter() - started,
@@ -359,19 +320,39 @@ class Sven(torch.optim.Optimizer):
         warnings.warn(f"Sven: {note}", RuntimeWarning, stacklevel=4)
         return spectrum, "torch", note
 
-    def _scales(self) -> list[float]:
-        """−lr of each wrapped parameter's group, in ParamSpace order."""
+    def _lr_per_param(self) -> list[float]:
+        """lr of each wrapped parameter's group, in ParamSpace order."""
         lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
-        return [-lr_of[id(p)] for p in self.wrapped.params.tensors]
+        return [lr_of[id(p)] for p in self.wrapped.params.tensors]
 
-    def _step_norm(self, update: Tensor, columns: Tensor | None) -> float:
-        """‖Δθ‖ of an update (over ``columns``) with each group's lr."""
-        params = self.wrapped.params
-        lr_flat = torch.repeat_interleave(
-            torch.tensor(self._scales(), dtype=torch.float64), torch.tensor(params.numels)
-        ).to(update.device)
-        lr_flat = lr_flat if columns is None else lr_flat[columns]
-        return float((update.to(torch.float64) * lr_flat).norm())
+    def _adaptive_step(self, candidates: CandidateSteps, spectrum: Spectrum, mean_loss: float,
+                       settings: dict[str, Any]) -> tuple[Tensor | None, dict[str, Any]]:
+        """Try λ, 10λ, … from one spectrum until the batch loss falls; (applied update or None, report)."""
+        tried: list[Tensor] = []
+
+        def try_step(damping: float) -> bool:
+            tried.append(candidates.update(spectrum, damping))
+            if bool(torch.isfinite(tried[-1]).all()) and candidates.loss_after(tried[-1]) < mean_loss:
+                return True
+            candidates.undo()
+            return False
+
+        outcome = search_damping(_schedule(settings), self.current_damping, try_step)
+        self.current_damping = outcome.next_damping
+        report = {"damping": outcome.damping_used, "tries": outcome.tries, "accepted": outcome.accepted,
+                  "next_damping": outcome.next_damping}
+        return (tried[-1] if outcome.accepted else None), report
+
+    @staticmethod
+    def _greedy_spectrum(candidates: CandidateSteps, spectrum: Spectrum, damping: float) -> Spectrum:
+        """``spectrum`` cut to the rank ``greedy_rank`` picks (one forward pass per rank tried)."""
+
+        def loss_with_rank(rank: int) -> float:
+            loss = candidates.loss_after(candidates.update(leading(spectrum, rank), damping))
+            candidates.undo()
+            return loss
+
+        return leading(spectrum, greedy_rank(spectrum, loss_with_rank))
 
 
 def _schedule(settings: dict[str, Any]) -> DampingSchedule:
