@@ -1,0 +1,338 @@
+"""Cost of one training step: SGD, Sven on the Gram engine, and Sven on the reference SVD path.
+
+    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3]
+
+Methods (each on its own copy of the same model, random data, no download):
+  sgd         forward + backward of the mean loss + torch.optim.SGD.step
+  sven        SvenWrapper(engine="gram") + Sven(svd_mode="gram", k=B): the Gram engine; with k ≥ B the
+              solve is the Cholesky-certified route when nothing is cut (else eigh)
+  sven_k64    the same with k = 64 < B: the top-64 eigenpairs need eigh (B > 64 only)
+  torch_path  SvenWrapper(engine="functorch") + Sven(svd_mode="torch", k=B): J (B × P) and its full SVD;
+              skipped where its steps would take over a minute, else as many steps (≥ 3) as fit in one
+Steps of all methods are interleaved round-robin, so a load change on the shared machine
+hits every method alike; the ratios Sven/SGD and torch_path/Sven use medians of one run.
+Peak memory: what 3 steps add at their peak to what was allocated before them (model, data,
+optimizer state after one step): CUDA — torch.cuda.max_memory_allocated; CPU — glibc's
+in-use heap bytes (mallinfo2: arena + mmapped blocks) sampled after every aten op by a
+TorchDispatchMode (forward, autograd backward and solver ops alike).
+The "breakdown" section times the phases of the Sven step separately (medians).
+Writes benchmarks/results/step_cost_<device>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sven.bench.results import environment, write_json
+from sven.nn import SvenWrapper
+from sven.opt import Sven
+from sven.opt.pinv import pinv_direction, truncated_spectrum
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TORCH_PATH_BUDGET_S = 60.0
+MIN_TORCH_PATH_STEPS = 3
+MEMORY_STEPS = 3
+SGD_LR = 0.01
+SVEN_LR = 0.1
+RTOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Config:
+    """A model by name on a batch size: ``build()`` gives the module, inputs are ``input_shape`` per sample."""
+
+    name: str
+    batch_size: int
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    classes: int = 10
+
+
+def mlp(*sizes: int) -> Callable[[], nn.Module]:
+    """Builder of a ReLU MLP sizes[0] → … → sizes[-1]."""
+
+    def build() -> nn.Module:
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [nn.ReLU()] if i else []
+            layers.append(nn.Linear(d_in, d_out))
+        return nn.Sequential(*layers)
+
+    return build
+
+
+def small_cnn() -> nn.Module:
+    """Conv(1→8, 3, stride 2) → GroupNorm → Conv(8→16, 3, stride 2) → Linear, on 28×28 inputs (P ≈ 7.5k)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
+    )
+
+
+CONFIGS = [
+    *(Config("mlp_784-128-10", b, mlp(784, 128, 10), (784,)) for b in (64, 256, 1024)),
+    *(Config("mlp_784-1024-1024-10", b, mlp(784, 1024, 1024, 10), (784,)) for b in (64, 256)),
+    Config("cnn_28x28", 256, small_cnn, (1, 28, 28)),
+]
+METHODS = ("sgd", "sven", "sven_k64", "torch_path")
+
+
+def per_sample_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """(B, classes), (B,) → (B,)."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def make_batch(config: Config, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random inputs (B, *input_shape) and labels (B,), seeded."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(config.batch_size, *config.input_shape, generator=generator)
+    y = torch.randint(0, config.classes, (config.batch_size,), generator=generator)
+    return x.to(device), y.to(device)
+
+
+def make_model(config: Config, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return config.build().to(device)
+
+
+def make_stepper(method: str, config: Config, device: torch.device) -> Callable[[], None]:
+    """A closure that takes one full training step of ``method`` on a fixed batch."""
+    model = make_model(config, device)
+    batch = make_batch(config, device)
+    if method == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
+
+        def sgd_step() -> None:
+            optimizer.zero_grad()
+            per_sample_cross_entropy(model(batch[0]), batch[1]).mean().backward()
+            optimizer.step()
+
+        return sgd_step
+    engine, svd_mode, k = {
+        "sven": ("gram", "gram", config.batch_size),
+        "sven_k64": ("gram", "gram", 64),
+        "torch_path": ("functorch", "torch", config.batch_size),
+    }[method]
+    wrapped = SvenWrapper(model, per_sample_cross_entropy, engine=engine)
+    sven = Sven(wrapped, lr=SVEN_LR, k=k, rtol=RTOL, svd_mode=svd_mode)
+
+    def sven_step() -> None:
+        wrapped.loss_and_grad(batch)
+        sven.step()
+
+    return sven_step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of ``step`` takes (device work included)."""
+    synchronize(device)
+    started = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def methods_for(config: Config) -> list[str]:
+    return [m for m in METHODS if m != "sven_k64" or config.batch_size > 64]
+
+
+def predicted_torch_path_step_s(config: Config, device: torch.device) -> float:
+    """Seconds of one reference-path step, predicted from an SVD of a (64 × 16384) float64 matrix.
+
+    A thin SVD of (B × P) costs ∝ B²·P; the per-sample Jacobian adds less than that on CPU.
+    """
+    probe_rows, probe_cols = 64, 16384
+    matrix = torch.randn(probe_rows, probe_cols, dtype=torch.float64, device=device)
+    torch.linalg.svd(matrix, full_matrices=False)
+    seconds = timed(lambda: torch.linalg.svd(matrix, full_matrices=False), device)
+    params = sum(p.numel() for p in make_model(config, torch.device("cpu")).parameters())
+    return 2.0 * seconds * (config.batch_size / probe_rows) ** 2 * (params / probe_cols)
+
+
+def time_methods(config: Config, device: torch.device, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """Median step time (s) per method, steps interleaved round-robin after ``warmup`` steps each."""
+    results: dict[str, dict[str, Any]] = {}
+    steppers: dict[str, Callable[[], None]] = {}
+    wanted: dict[str, int] = {}
+    for method in methods_for(config):
+        if method == "torch_path":
+            predicted = predicted_torch_path_step_s(config, device)
+            if predicted * (1 + MIN_TORCH_PATH_STEPS) > TORCH_PATH_BUDGET_S:
+                results[method] = {"skipped": f"predicted {predicted:.0f} s per step (> 1 min for the steps)"}
+                continue
+        steppers[method] = make_stepper(method, config, device)
+        first = [timed(steppers[method], device) for _ in range(1 if method == "torch_path" else warmup)]
+        wanted[method] = steps
+        if method == "torch_path":
+            wanted[method] = max(MIN_TORCH_PATH_STEPS, min(steps, int(TORCH_PATH_BUDGET_S / first[-1]) - 1))
+    samples: dict[str, list[float]] = {m: [] for m in steppers}
+    for round_index in range(steps):
+        for method, step in steppers.items():
+            if round_index < wanted[method]:
+                samples[method].append(timed(step, device))
+    for method, times in samples.items():
+        results[method] = {"median_ms": 1e3 * statistics.median(times), "steps": len(times),
+                           "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)}
+    return results
+
+
+PHASES = ("loss_and_grad (forward + backprops)", "gram (per-layer, float64)", "solve (certificate or eigh)",
+          "update Mᵀc", "eigh of the Gram matrix (for comparison)")
+
+
+def phase_times(
+    wrapped: SvenWrapper, batch: tuple[Tensor, Tensor], k: int, device: torch.device
+) -> tuple[list[float], str]:
+    """Seconds of each of ``PHASES`` for one Sven step, and the solve route taken."""
+    times = [timed(lambda: wrapped.loss_and_grad(batch), device)]
+    operator, residuals = wrapped.state.operator, wrapped.state.residuals
+    times.append(timed(operator.gram, device))
+    spectra = []
+    times.append(timed(lambda: spectra.append(truncated_spectrum(operator, "gram", k, RTOL)), device))
+    times.append(timed(lambda: pinv_direction(spectra[0], operator, residuals), device))
+    times.append(timed(lambda: torch.linalg.eigh(operator.gram()), device))
+    return times, type(spectra[0]).__name__
+
+
+def breakdown(config: Config, device: torch.device, steps: int) -> dict[str, Any]:
+    """Median ms of each phase of the Sven step (k = B) over ``steps`` steps after one warm-up."""
+    model = make_model(config, device)
+    batch = make_batch(config, device)
+    wrapped = SvenWrapper(model, per_sample_cross_entropy, engine="gram")
+    measured = [phase_times(wrapped, batch, config.batch_size, device) for _ in range(steps + 1)][1:]
+    per_phase = zip(*(times for times, _ in measured))
+    return {"solve_route": measured[-1][1],
+            **{name: 1e3 * statistics.median(times) for name, times in zip(PHASES, per_phase)}}
+
+
+class HeapPeak(TorchDispatchMode):
+    """Peak of glibc's in-use heap bytes (``mallinfo2``: arena + mmapped), sampled after every aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = self.baseline = _heap_in_use()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_in_use())
+        return out
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_in_use() -> int:
+    """Bytes glibc malloc has handed out and not taken back (small-block arena + mmapped blocks)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_memory_mb(method: str, config: Config, device: torch.device) -> float:
+    """Peak memory (MB) that ``MEMORY_STEPS`` steps of ``method`` add to what existed before them."""
+    step = make_stepper(method, config, device)
+    step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        for _ in range(MEMORY_STEPS):
+            step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with HeapPeak() as heap:
+        for _ in range(MEMORY_STEPS):
+            step()
+    return (heap.peak - heap.baseline) / 2**20
+
+
+def ratios(timings: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Sven/SGD (k = B and k = 64) and torch_path/Sven from the medians."""
+    median = {m: t.get("median_ms") for m, t in timings.items()}
+
+    def ratio(top: str, bottom: str) -> float | None:
+        return median[top] / median[bottom] if median.get(top) and median.get(bottom) else None
+
+    return {"sven/sgd": ratio("sven", "sgd"), "sven_k64/sgd": ratio("sven_k64", "sgd"),
+            "torch_path/sven": ratio("torch_path", "sven")}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The results as a fixed-width text table."""
+    head = (f"{'model':22} {'B':>5} {'P':>9} {'sgd ms':>8} {'sven ms':>8} {'k64 ms':>8} {'torch ms':>9} "
+            f"{'sven/sgd':>8} {'k64/sgd':>8} {'torch/sven':>10}  {'solve route':24} peak MB sgd/sven/k64/torch")
+    lines = [head, "-" * len(head)]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for row in rows:
+        t, r, mem = row["timings"], row["ratios"], row["peak_memory_mb"]
+        ms = {m: t.get(m, {}).get("median_ms") for m in METHODS}
+        lines.append(
+            f"{row['model']:22} {row['batch_size']:>5} {row['params']:>9} {fmt(ms['sgd'], '8.2f')} "
+            f"{fmt(ms['sven'], '8.2f')} {fmt(ms['sven_k64'], '8.2f')} {fmt(ms['torch_path'], '9.1f')} "
+            f"{fmt(r['sven/sgd'], '8.2f')} {fmt(r['sven_k64/sgd'], '8.2f')} {fmt(r['torch_path/sven'], '10.0f')}  "
+            f"{row['breakdown']['solve_route']:24} " + "/".join(fmt(mem.get(m), ".0f") for m in METHODS)
+        )
+    return "\n".join(lines)
+
+
+def run(device: torch.device, steps: int, warmup: int, out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for config in CONFIGS:
+        timings = time_methods(config, device, steps, warmup)
+        rows.append({
+            "model": config.name, "batch_size": config.batch_size,
+            "params": sum(p.numel() for p in make_model(config, torch.device("cpu")).parameters()),
+            "timings": timings, "ratios": ratios(timings),
+            "breakdown": breakdown(config, device, steps),
+            "peak_memory_mb": {m: peak_memory_mb(m, config, device) for m in timings if "skipped" not in timings[m]},
+        })
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    payload = {"environment": environment(device), "steps": steps, "warmup": warmup, "rtol": RTOL,
+               "memory_method": "cuda max_memory_allocated" if device.type == "cuda"
+               else "peak of glibc in-use heap bytes (mallinfo2) sampled after every aten op", "rows": rows}
+    write_json(out, payload)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method (median of these)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/step_cost_<device>.json)")
+    args = parser.parse_args(argv)
+    if args.steps < 20:
+        parser.error(f"--steps must be >= 20 (medians of at least 20 steps); got {args.steps}")
+    device = torch.device(args.device)
+    out = args.out or RESULTS / f"step_cost_{device.type}.json"
+    rows = run(device, args.steps, args.warmup, out)
+    print()
+    print(table(rows))
+    print(f"\nwrote {out}")
+    print(json.dumps({f"{r['model']} B={r['batch_size']}": r["breakdown"] for r in rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
