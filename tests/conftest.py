@@ -6,6 +6,9 @@ parametrised tests can build models of any size and dtype.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -44,3 +47,12 @@ def flat_parameters(model: nn.Module) -> Tensor:
 def parameter_snapshot(model: nn.Module) -> list[Tensor]:
     """Exact copies of the parameters, for bit-identity checks with ``torch.equal``."""
     return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Run the test with one intra-op thread: tiny tensors gain nothing from more, and a shared CPU stays responsive."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

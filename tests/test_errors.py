@@ -15,6 +15,8 @@ from sven.nn import SvenWrapper
 from sven.opt import Sven
 from sven.opt.pinv import SVD_MODES
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ENGINES = ("gram", "functorch")
 BATCH_SIZE = 32
 

@@ -14,6 +14,8 @@ from sven.nn import SvenWrapper
 from sven.opt import Sven
 from sven.opt.pinv import pinv_direction, truncated_spectrum
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXACT_MODES = ("torch", "gram", "auto", "scipy", "lobpcg")
 ENGINES = ("gram", "functorch")
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}

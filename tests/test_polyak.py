@@ -8,6 +8,8 @@ from conftest import flat_parameters, make_batch, make_mlp
 
 from sven.opt import PolyakSGD
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def loss_and_gradient(model: torch.nn.Module, batch: tuple) -> tuple[float, torch.Tensor]:
     """The mean squared error of the model on the batch and its gradient (P,), float64."""

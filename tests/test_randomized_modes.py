@@ -10,6 +10,8 @@ from test_exact_modes import CASES, ENGINES, TOLERANCE, Case, reference_step, sv
 from sven.jacobian import DenseJacobian
 from sven.opt.pinv import pinv_direction, truncated_spectrum
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 RANDOMIZED_MODES = ("randomized", "randomized_v2")
 FULL_RANK_CASES = {
     "full_rank_k_equals_rank": Case((3, 8, 2), 12, k=12),

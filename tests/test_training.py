@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 BATCH_SIZE, EPOCHS, TRAIN_SIZE, VALIDATION_SIZE = 32, 10, 256, 512
 REQUIRED_RATIO = 30.0
 TrainStep = Callable[[Tensor, Tensor], None]

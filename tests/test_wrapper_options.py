@@ -14,6 +14,8 @@ from torch.nn.utils import vector_to_parameters
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 LR, K, RTOL = 0.5, 64, 1e-3
 BATCH_SIZE = 10  # groups of 3 leave a last group of 1, groups of 4 one of 2
 
