@@ -1,0 +1,80 @@
+"""The Jacobian of a batch sharded over ranks, as one operator over the global batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from sven.distributed.communicator import Communicator, ShardLayout
+from sven.jacobian import DenseJacobian, GramJacobian, JacobianOperator
+
+RowGather = Callable[[Tensor], Tensor]
+
+
+def gathered_operator(local: JacobianOperator, gather: RowGather, total_rows: int) -> JacobianOperator:
+    """The operator over the global batch (total_rows, n) built from each rank's ``local`` one.
+
+    ``gather`` maps a rank's (B_r, …) tensor to the ranks' tensors concatenated, (B_global, …).
+    A GramJacobian gathers each block's factors (``GradientBlock.gathered``), a DenseJacobian its rows.
+    """
+    if isinstance(local, GramJacobian):
+        return GramJacobian([block.gathered(gather) for block in local.blocks], local.params, total_rows)
+    if isinstance(local, DenseJacobian):
+        return DenseJacobian(gather(local.dense()))
+    raise TypeError(f"distributed Sven gathers a GramJacobian or a DenseJacobian; got {type(local).__name__}")
+
+
+class DistributedJacobian(JacobianOperator):
+    """M over the global batch, shape (B_global, n), whose rows are spread over the ranks.
+
+    Every rank holds one over the same M. ``rmatmul`` takes rank 0's u, applies the
+    rank's own rows (Mᵀ_r u_r) and sums over ranks with one all-reduce of n values.
+    ``gram``, ``dense``, ``matmul`` and ``nonfinite_rows`` use a replica of M built
+    on first use from the ranks' all-gathered factors, so every rank sees the
+    same B_global × B_global Gram matrix.
+    """
+
+    def __init__(self, local: JacobianOperator, comm: Communicator, layout: ShardLayout) -> None:
+        if local.shape[0] != layout.sizes[layout.rank]:
+            raise ValueError(
+                f"the local Jacobian has {local.shape[0]} rows; rank {layout.rank}'s shard has "
+                f"{layout.sizes[layout.rank]} samples"
+            )
+        self.local = local
+        self.comm = comm
+        self.layout = layout
+        self.shape = (layout.total, local.shape[1])
+        self.dtype = local.dtype
+        self.device = local.device
+        self._replica: JacobianOperator | None = None
+
+    def replica(self) -> JacobianOperator:
+        """M over the global batch on this rank (gathered once, then kept)."""
+        if self._replica is None:
+            gather = partial(self.comm.all_gather_rows, sizes=self.layout.sizes)
+            self._replica = gathered_operator(self.local, gather, self.layout.total)
+        return self._replica
+
+    @property
+    def materialised(self) -> bool:
+        return self.local.materialised
+
+    def gram(self) -> Tensor:
+        return self.replica().gram()
+
+    def dense(self) -> Tensor:
+        return self.replica().dense()
+
+    def matmul(self, v: Tensor) -> Tensor:
+        self.comm.require_replicated(v, "the vector passed to M·v")
+        return self.replica().matmul(v)
+
+    def rmatmul(self, u: Tensor) -> Tensor:
+        shared = self.comm.broadcast_from_first(u.to(torch.float64))
+        return self.comm.all_reduce_sum(self.local.rmatmul(shared[self.layout.local]))
+
+    def nonfinite_rows(self) -> Tensor:
+        return self.replica().nonfinite_rows()

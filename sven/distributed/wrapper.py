@@ -1,0 +1,103 @@
+"""DistributedSvenWrapper: the exact global-batch Sven step with the batch sharded over ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sven.distributed.communicator import Communicator
+from sven.distributed.operator import DistributedJacobian
+from sven.jacobian import RowTransformedJacobian
+from sven.nn.residuals import residuals_and_row_map
+from sven.nn.wrapper import JacobianState, SvenWrapper
+
+
+def bare_module(model: nn.Module) -> nn.Module:
+    """``model.module`` for a DistributedDataParallel model, else ``model`` itself.
+
+    Sven sums Mᵀc over ranks itself, so DDP's gradient all-reduce is never used:
+    Sven runs the bare module (whose parameters DDP shares).
+    """
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class DistributedSvenWrapper(SvenWrapper):
+    """A ``SvenWrapper`` whose batch is split over the ranks of a torch.distributed process group.
+
+    Each rank calls ``loss_and_grad`` with its own shard (shards may differ in
+    size); the global batch is the ranks' shards in rank order. The operator left
+    in ``state`` is M over the global batch, so an unchanged ``Sven`` optimizer
+    takes, on every rank, exactly the step one process would take on the whole
+    batch: every rank assembles the same B_global × B_global Gram matrix from
+    all-gathered per-layer factors (Gram engine) or Jacobian rows (functorch
+    engine), solves the same eigenproblem, and sums Mᵀc over ranks with one
+    all-reduce. Parameters and buffers start from rank 0's values.
+
+    Args:
+        model: the module, or a ``DistributedDataParallel`` around it (its ``.module`` is used).
+        process_group: the group whose ranks share the batch (None: the default group).
+        Other arguments: as for ``SvenWrapper``; microbatch groups are formed in the global order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        device: torch.device | str | None = None,
+        kappa: float = 2.0,
+        param_fraction: float = 1.0,
+        microbatch_size: int = 1,
+        engine: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(bare_module(model), loss_fn, device, kappa, param_fraction, microbatch_size, engine)
+        self.comm = Communicator(process_group, self.device)
+        self.comm.broadcast_module_(self.model)
+        self._step_columns: Tensor | None = None
+
+    def draw_columns(self) -> Tensor | None:
+        """The columns agreed for the current step: rank 0's draw, on every rank."""
+        return self._step_columns
+
+    def _agreed_columns(self) -> Tensor | None:
+        """Every rank draws (their RNG streams advance alike); rank 0's draw is broadcast (8·n bytes)."""
+        columns = super().draw_columns()
+        return None if columns is None else self.comm.broadcast_from_first(columns)
+
+    def loss_and_grad(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        """Forward this rank's shard ``(x, y, *extra)`` and build the Jacobian of the global residuals.
+
+        Returns this rank's (per-sample losses (B_r,), predictions), detached; ``state.losses``
+        holds the global losses (B_global,). An error on any rank is raised on every rank
+        (the others raise a RuntimeError naming it) instead of leaving them waiting.
+        """
+        self._step_columns = self._agreed_columns()
+        failure: Exception | None = None
+        try:
+            local_losses, preds = super().loss_and_grad(batch)
+        except Exception as error:  # re-raised below, after every rank has learnt of it
+            failure = error
+        layout = self.comm.shard_layout(0 if failure else local_losses.shape[0], failed=failure is not None)
+        if failure is not None or layout.failed_ranks:
+            self.state = None
+        if failure is not None:
+            raise failure
+        if layout.failed_ranks:
+            raise RuntimeError(
+                f"loss_and_grad raised on rank(s) {list(layout.failed_ranks)} (see their error); "
+                f"rank {layout.rank} stops too so that no rank waits for the others"
+            )
+        local = self.state
+        base = local.operator.base if isinstance(local.operator, RowTransformedJacobian) else local.operator
+        losses = self.comm.all_gather_rows(local.losses, layout.sizes)
+        residuals, row_map = residuals_and_row_map(losses, self.microbatch_size, self.kappa)
+        operator = DistributedJacobian(base, self.comm, layout)
+        if row_map is not None:
+            operator = RowTransformedJacobian(operator, row_map)
+        self.state = JacobianState(operator, residuals, losses, local.columns, local.batch)
+        return local_losses, preds
