@@ -1,0 +1,5 @@
+"""``python -m sven.bench``: see ``sven.bench.cli``."""
+
+from sven.bench.cli import main
+
+main()

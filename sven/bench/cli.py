@@ -1,0 +1,108 @@
+"""Command line: ``python -m sven.bench TASK [options]`` runs a study; ``... report`` writes the results page."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sven.bench.optimizers import OPTIMIZER_NAMES
+from sven.bench.plots import plot_study
+from sven.bench.report import write_report
+from sven.bench.results import command_line, environment, write_json
+from sven.bench.studies import STUDIES, StudyOptions, result_stem, run_study
+from sven.bench.tables import summary_table, text_table
+from sven.bench.tasks import TASK_BUILDERS
+
+
+def _optimizer_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in OPTIMIZER_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; expected a comma-separated subset of "
+            f"{','.join(OPTIMIZER_NAMES)}"
+        )
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text}")
+    return value
+
+
+def study_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m sven.bench TASK``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sven.bench",
+        description="Reproduce the Sven paper's experiments. `python -m sven.bench report --help` builds the page.",
+    )
+    parser.add_argument("task", choices=list(TASK_BUILDERS), help="the benchmark task")
+    parser.add_argument("--study", choices=list(STUDIES), default="compare",
+                        help="compare: all optimizers (Figure 1); k, rtol: Sven sweeps on the training loss "
+                             "(Figure 2); microbatch_size, param_fraction: Figure 3; spectrum: Figures 2 and 4")
+    parser.add_argument("--optimizers", type=_optimizer_list, default=list(OPTIMIZER_NAMES),
+                        help=f"comma-separated, for --study compare (default {','.join(OPTIMIZER_NAMES)})")
+    parser.add_argument("--epochs", type=_positive, default=None, help="epochs (default: the task's protocol)")
+    parser.add_argument("--seeds", type=_positive, default=1, help="seeds 0..N-1 per configuration (default 1)")
+    parser.add_argument("--grid", action="store_true", help="grid-search each optimizer (seed 0, final val loss)")
+    parser.add_argument("--grid-epochs", type=_positive, default=None,
+                        help="epochs of each grid-search run (default: --epochs)")
+    parser.add_argument("--subset", type=_positive, default=None,
+                        help="keep only the first N train and N validation samples")
+    parser.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX .gz files")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG (bench_out)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=_positive, default=1,
+                        help="torch CPU threads (default 1: the paper's models are tiny, extra threads add overhead)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m sven.bench report``."""
+    parser = argparse.ArgumentParser(prog="python -m sven.bench report",
+                                     description="Write the results page from the JSON files of earlier runs.")
+    parser.add_argument("--results", type=Path, default=Path("docs/results"), help="folder of *.json results")
+    parser.add_argument("--figures", type=Path, default=Path("docs/figures"), help="folder for the PNG plots")
+    parser.add_argument("--page", type=Path, default=Path("docs/RESULTS.md"), help="the markdown page to write")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the study the arguments describe, print its table and write ``OUT/TASK-STUDY.{json,png}``."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
+    torch.set_num_threads(args.threads)
+    options = StudyOptions(optimizers=args.optimizers, epochs=args.epochs, seeds=args.seeds, grid=args.grid,
+                           grid_epochs=args.grid_epochs, subset=args.subset, device=args.device,
+                           data_dir=args.data_dir, progress=not args.no_progress)
+    started = time.perf_counter()
+    payload = run_study(args.study, args.task, options)
+    payload.update(command=command_line(), environment=environment(args.device),
+                   total_seconds=time.perf_counter() - started)
+    stem = result_stem(args.out, args.task, args.study)
+    write_json(stem.with_suffix(".json"), payload)
+    figure = plot_study(payload, stem.with_suffix(".png"))
+    if payload["runs"]:
+        print(text_table(*summary_table(payload)))
+    print(f"wrote {stem.with_suffix('.json')}" + (f" and {figure}" if figure else ""))
+    return stem.with_suffix(".json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m sven.bench`` and the ``sven-bench`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        args = report_parser().parse_args(argv[1:])
+        print(f"wrote {write_report(args.results, args.figures, args.page)}")
+        return
+    try:
+        run(study_parser().parse_args(argv))
+    except FileNotFoundError as missing:
+        raise SystemExit(f"error: {missing}") from missing

@@ -1,0 +1,83 @@
+"""Every hyper-parameter the benchmark uses, in one place: default settings, search grids and study sweeps.
+
+Keys are optimizer names, optionally suffixed ``:cross_entropy`` for settings that
+apply to the cross-entropy tasks only. "sven" is the paper's exact step; "sven-damped"
+is Sven with Levenberg–Marquardt control of a damping λ (``damping="adaptive"``).
+The strings "B/2" and "B" stand for half the batch size and the batch size of the task.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
+    "sven": {
+        "default": {"lr": 0.1, "k": "B", "rtol": 1e-3},
+        "grid": {"lr": (0.05, 0.1, 0.5, 1.0), "k": (1, 2, 4, 8, 16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2)},
+    },
+    "sven:cross_entropy": {
+        "default": {"lr": 10.0, "k": "B", "rtol": 1e-3, "use_rmsprop": True},
+        "grid": {"lr": (1.0, 10.0, 50.0, 100.0), "k": (1, 2, 4, 8, 16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2),
+                 "use_rmsprop": (True,)},
+    },
+    "sven-damped": {
+        "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "damping": "adaptive"},
+        "grid": {"lr": (0.5, 1.0), "k": (16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2), "damping": ("adaptive",)},
+    },
+    "sven-damped:cross_entropy": {
+        "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "damping": "adaptive", "use_rmsprop": True},
+        "grid": {"lr": (0.5, 1.0), "k": (16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2), "damping": ("adaptive",),
+                 "use_rmsprop": (True,)},
+    },
+    "adam": {"default": {"lr": 1e-3}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},
+    "sgd": {"default": {"lr": 1e-2}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},
+    "rmsprop": {"default": {"lr": 1e-3}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},
+    "lbfgs": {
+        "default": {"lr": 1.0, "max_iter": 5, "history_size": 10},
+        "grid": {"lr": (0.1, 0.5, 1.0), "max_iter": (1, 2, 5, 10), "history_size": (1, 2, 5, 10)},
+    },
+    "polyak": {"default": {"f_star": 0.0, "max_lr": 1.0}, "grid": {"f_star": (0.0,), "max_lr": (1.0,)}},
+    "lm": {"default": {"damping": 1e-3}, "grid": {"damping": (1e-4, 1e-3, 1e-2, 1e-1)}},
+}
+
+STUDY_SWEEPS: dict[str, tuple[Any, ...]] = {
+    "k": (1, 2, 4, 8, 16, 32, "B/2", "B"),
+    "rtol": (1e-4, 1e-3, 1e-2, 1e-1),
+    "microbatch_size": (1, 2, 4, 8),
+    "param_fraction": (0.25, 0.5, 0.75, 1.0),
+}
+
+
+def _entry(optimizer: str, loss_kind: str) -> dict[str, dict[str, Any]]:
+    key = f"{optimizer}:{loss_kind}"
+    if key in HYPERPARAMETERS:
+        return HYPERPARAMETERS[key]
+    if optimizer not in HYPERPARAMETERS:
+        names = sorted({name.split(":")[0] for name in HYPERPARAMETERS})
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(names)}")
+    return HYPERPARAMETERS[optimizer]
+
+
+def resolve(value: Any, batch_size: int) -> Any:
+    """``value`` with "B" and "B/2" replaced by the batch size and its half."""
+    return {"B": batch_size, "B/2": max(1, batch_size // 2)}.get(value, value) if isinstance(value, str) else value
+
+
+def default_settings(optimizer: str, loss_kind: str, batch_size: int) -> dict[str, Any]:
+    """The default hyper-parameters of ``optimizer`` for a task with this loss kind and batch size."""
+    return {name: resolve(value, batch_size) for name, value in _entry(optimizer, loss_kind)["default"].items()}
+
+
+def grid_settings(optimizer: str, loss_kind: str, batch_size: int) -> list[dict[str, Any]]:
+    """Every configuration of the search grid (duplicates from "B"/"B/2" removed), in a fixed order."""
+    grid = _entry(optimizer, loss_kind)["grid"]
+    axes = {name: list(dict.fromkeys(resolve(value, batch_size) for value in values)) for name, values in grid.items()}
+    return [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
+
+
+def sweep_values(parameter: str, batch_size: int) -> list[Any]:
+    """The values a study sweeps ``parameter`` over (duplicates removed)."""
+    if parameter not in STUDY_SWEEPS:
+        raise ValueError(f"no sweep for {parameter!r}; expected one of {', '.join(STUDY_SWEEPS)}")
+    return list(dict.fromkeys(resolve(value, batch_size) for value in STUDY_SWEEPS[parameter]))

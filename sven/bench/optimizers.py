@@ -1,0 +1,98 @@
+"""One training step for every optimizer of the benchmark, behind a common ``Stepper`` interface."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from sven.bench.tasks import Task
+from sven.nn import SvenWrapper
+from sven.opt import PolyakSGD, Sven
+
+WRAPPER_SETTINGS = ("microbatch_size", "param_fraction", "kappa", "engine")
+
+
+class OptimizerUnavailable(RuntimeError):
+    """The optimizer (or one of its settings) is not available in this installation."""
+
+
+class Stepper(Protocol):
+    """Takes one optimisation step on a batch and returns the mean batch loss before the step."""
+
+    def step(self, x: Tensor, y: Tensor) -> float: ...
+
+    def singular_values(self) -> list[float] | None: ...
+
+
+class SvenStepper:
+    """Sven: ``wrapped.loss_and_grad((x, y))`` then ``optimizer.step()``.
+
+    Settings named in ``WRAPPER_SETTINGS`` go to ``SvenWrapper``, the rest to ``Sven``.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, device: torch.device, settings: dict[str, Any]) -> None:
+        wrapper_settings = {key: value for key, value in settings.items() if key in WRAPPER_SETTINGS}
+        optimizer_settings = {key: value for key, value in settings.items() if key not in WRAPPER_SETTINGS}
+        accepted = inspect.signature(Sven).parameters
+        unknown = sorted(set(optimizer_settings) - set(accepted))
+        if unknown:
+            raise OptimizerUnavailable(
+                f"this version of sven.opt.Sven has no option {', '.join(unknown)} "
+                f"(it accepts {', '.join(name for name in accepted if name != 'wrapped')})"
+            )
+        self.wrapped = SvenWrapper(model, task.per_sample_loss, device, **wrapper_settings)
+        self.optimizer = Sven(self.wrapped, **optimizer_settings)
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        losses, _ = self.wrapped.loss_and_grad((x, y))
+        self.optimizer.step()
+        return float(losses.double().mean())
+
+    def singular_values(self) -> list[float] | None:
+        """The singular values the last step kept (descending), from ``optimizer.last_step``."""
+        sigma = self.optimizer.last_step.get("singular_values")
+        return None if sigma is None else [float(value) for value in sigma]
+
+
+class ClosureStepper:
+    """Any ``torch.optim.Optimizer`` stepped with a closure computing the mean batch loss and its gradient."""
+
+    def __init__(self, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.task, self.optimizer = model, task, optimizer
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        def closure() -> Tensor:
+            self.optimizer.zero_grad()
+            loss = self.task.per_sample_loss(self.model(x), y).mean()
+            loss.backward()
+            return loss
+
+        return float(self.optimizer.step(closure).detach())
+
+    def singular_values(self) -> list[float] | None:
+        return None
+
+
+TorchFactory = Callable[[list[nn.Parameter], dict[str, Any]], torch.optim.Optimizer]
+TORCH_OPTIMIZERS: dict[str, TorchFactory] = {
+    "adam": lambda params, settings: torch.optim.Adam(params, **settings),
+    "sgd": lambda params, settings: torch.optim.SGD(params, **settings),
+    "rmsprop": lambda params, settings: torch.optim.RMSprop(params, **settings),
+    "lbfgs": lambda params, settings: torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **settings),
+    "polyak": lambda params, settings: PolyakSGD(params, **settings),
+}
+SVEN_VARIANTS = ("sven", "sven-damped")
+OPTIMIZER_NAMES = (*SVEN_VARIANTS, *TORCH_OPTIMIZERS)
+
+
+def make_stepper(name: str, model: nn.Module, task: Task, device: torch.device, settings: dict[str, Any]) -> Stepper:
+    """The stepper for optimizer ``name`` (one of ``OPTIMIZER_NAMES``) training ``model`` on ``task``."""
+    if name in SVEN_VARIANTS:
+        return SvenStepper(model, task, device, settings)
+    if name not in TORCH_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    return ClosureStepper(model, task, TORCH_OPTIMIZERS[name](list(model.parameters()), settings))

@@ -1,0 +1,101 @@
+"""PNG plots of benchmark runs: loss curves with mean ± 1σ bands and singular-value spectra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+LABELS = {"val_loss": "validation loss", "train_loss": "training loss", "val_accuracy": "validation accuracy",
+          "epoch": "epoch", "wall_time": "wall time (s)"}
+
+
+def curve_band(runs: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x mean, y mean, y std) over runs, each (E,), cut to the shortest history (diverged runs stop early)."""
+    length = min(len(run["history"][y]) for run in runs)
+    xs = np.array([run["history"][x][:length] for run in runs], dtype=float)
+    ys = np.array([[np.nan if v is None else v for v in run["history"][y][:length]] for run in runs], dtype=float)
+    return xs.mean(axis=0), ys.mean(axis=0), ys.std(axis=0)
+
+
+def draw_bands(axis: plt.Axes, groups: dict[str, list[dict[str, Any]]], x: str, y: str, log: bool = True) -> None:
+    """One line per group (mean over its runs) with a shaded ±1σ band."""
+    for label, runs in groups.items():
+        xs, mean, std = curve_band(runs, x, y)
+        line, = axis.plot(xs, mean, label=label)
+        if len(runs) > 1:
+            lower = np.clip(mean - std, mean * 1e-3, None) if log else mean - std
+            axis.fill_between(xs, lower, mean + std, color=line.get_color(), alpha=0.2)
+    if log and y != "val_accuracy":
+        axis.set_yscale("log")
+    axis.set_xlabel(LABELS[x])
+    axis.set_ylabel(LABELS[y])
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize="small")
+
+
+def plot_curves(groups: dict[str, list[dict[str, Any]]], path: Path, title: str, y: str = "val_loss",
+                xs: tuple[str, ...] = ("epoch", "wall_time")) -> Path:
+    """``y`` against each of ``xs`` (one panel each), mean ± 1σ over the runs of each group; saved as PNG."""
+    figure, axes = plt.subplots(1, len(xs), figsize=(5.5 * len(xs), 4), squeeze=False)
+    for axis, x in zip(axes[0], xs):
+        draw_bands(axis, groups, x, y)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_spectra(panels: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """For each run (one panel), the kept singular values σ_i/σ_1 at the end of every epoch, coloured by epoch."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for axis, (label, run) in zip(axes[0], panels.items()):
+        spectra = [s for s in run["history"]["singular_values"] if s]
+        colours = plt.cm.viridis(np.linspace(0, 1, max(len(spectra), 1)))
+        for epoch, (sigma, colour) in enumerate(zip(spectra, colours), start=1):
+            sigma = np.asarray(sigma)
+            axis.semilogy(np.arange(1, sigma.size + 1), sigma / sigma[0], color=colour,
+                          label=f"epoch {epoch}" if epoch in (1, len(spectra)) else None)
+        axis.set_xlabel("index i")
+        axis.set_ylabel("σ_i / σ_1")
+        axis.set_title(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def group_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by their ``label``, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["label"], []).append(run)
+    return groups
+
+
+def plot_study(payload: dict[str, Any], path: Path) -> Path | None:
+    """The study's figure: loss vs epoch and wall time (compare), the swept metric vs epoch, or the spectra.
+
+    Returns None when the payload holds no run.
+    """
+    if not payload["runs"]:
+        return None
+    seeds = payload["options"]["seeds"]
+    title = f"{payload['task']}: {payload['study']} (mean ± 1σ over {seeds} seed{'s' if seeds > 1 else ''})"
+    if payload["study"] == "spectrum":
+        return plot_spectra({run["label"]: run for run in payload["runs"]}, path,
+                            f"{payload['task']}: singular values kept by Sven, end of each epoch")
+    if payload["study"] == "compare":
+        return plot_curves(group_runs(payload["runs"]), path, title)
+    return plot_curves(group_runs(payload["runs"]), path, title, y=payload["metric"], xs=("epoch",))

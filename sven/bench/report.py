@@ -1,0 +1,136 @@
+"""The results page: docs/RESULTS.md generated from the JSON files of earlier ``python -m sven.bench`` runs.
+
+Every number on the page is read from those files; the only constants here are the
+paper's own reported values, quoted as the claims we compare against.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sven.bench.plots import group_runs, plot_study
+from sven.bench.results import final, mean_std, read_json
+from sven.bench.studies import STUDIES
+from sven.bench.tables import markdown_table, summary_table
+from sven.bench.tasks import TASK_BUILDERS
+
+PAPER_CLAIMS: dict[str, dict[str, Any]] = {
+    "toy1d": {"text": "Sven reaches a clearly lower validation loss than Adam (the authors report about "
+                      "3e-6 for Sven against 6e-5 for Adam)",
+              "rule": "Sven's mean final validation loss is below half of Adam's", "max_ratio": 0.5},
+    "mnist-regression": {"text": "Sven at least matches Adam on MNIST label regression",
+                         "rule": "Sven's mean final validation loss is at most 1.1 × Adam's", "max_ratio": 1.1},
+}
+NOTES_FILE = "NOTES.md"
+
+
+def load_payloads(results: Path) -> list[dict[str, Any]]:
+    """Every results JSON in ``results``, ordered by task then study as the command line lists them."""
+    payloads = [read_json(path) for path in sorted(results.glob("*.json"))]
+    if not payloads:
+        raise FileNotFoundError(f"no *.json results in {results.resolve()}; run `python -m sven.bench TASK --out "
+                                f"{results}` first")
+    tasks, studies = list(TASK_BUILDERS), list(STUDIES)
+    return sorted(payloads, key=lambda p: (tasks.index(p["task"]), studies.index(p["study"])))
+
+
+def _machine_section(payloads: list[dict[str, Any]]) -> list[str]:
+    keys = ("cpu", "device", "torch_threads", "torch", "sven", "python", "platform")
+    machines = {tuple(str(p["environment"].get(key)) for key in keys) for p in payloads}
+    lines = ["## Machine", ""]
+    for machine in sorted(machines):
+        lines += [f"- {key}: `{value}`" for key, value in zip(keys, machine)] + [""]
+    total = sum(p["total_seconds"] for p in payloads)
+    lines.append(f"Total wall time of the runs on this page: {total / 60:.1f} min.")
+    return lines + [""]
+
+
+def _claim_lines(payloads: list[dict[str, Any]]) -> list[str]:
+    lines = ["## The paper's claims", ""]
+    for task, claim in PAPER_CLAIMS.items():
+        compare = next((p for p in payloads if p["task"] == task and p["study"] == "compare"), None)
+        groups = group_runs(compare["runs"]) if compare else {}
+        if "sven" not in groups or "adam" not in groups:
+            lines.append(f"- **{task}** — claim: {claim['text']}. Not run here (no compare result with Sven and Adam).")
+            continue
+        sven_mean, sven_std = mean_std([final(run) for run in groups["sven"]])
+        adam_mean, adam_std = mean_std([final(run) for run in groups["adam"]])
+        ratio = sven_mean / adam_mean
+        verdict = "**reproduced**" if ratio <= claim["max_ratio"] else "**not reproduced**"
+        lines.append(
+            f"- **{task}** — claim: {claim['text']}. Measured over {len(groups['sven'])} seed(s): Sven "
+            f"{sven_mean:.2e} ± {sven_std:.1e}, Adam {adam_mean:.2e} ± {adam_std:.1e}, ratio Sven/Adam "
+            f"{ratio:.2f}. Rule: {claim['rule']} → {verdict}."
+        )
+    return lines + [""]
+
+
+def _options_text(payload: dict[str, Any]) -> str:
+    options = payload["options"]
+    first = payload["runs"][0] if payload["runs"] else None
+    epochs = options["epochs"] or (first["epochs"] if first else "task default")
+    parts = [f"epochs {epochs}", f"seeds {options['seeds']}"]
+    if first:
+        parts.append(f"{first['train_size']} train / {first['val_size']} validation samples")
+    if options["grid"]:
+        parts.append(f"grid search on seed 0 with {options['grid_epochs'] or epochs} epochs per configuration")
+    else:
+        parts.append("default settings (no grid search)")
+    return ", ".join(parts)
+
+
+def _grid_lines(payload: dict[str, Any]) -> list[str]:
+    searches = payload.get("grid_search") or {}
+    if not searches:
+        return []
+    rows = []
+    for optimizer, tried in searches.items():
+        best = min(tried, key=lambda entry: entry["final_val_loss"] if entry["final_val_loss"] is not None
+                   else float("inf"))
+        finite = [entry for entry in tried if entry["final_val_loss"] is not None]
+        rows.append([optimizer, str(len(tried)), str(len(tried) - len(finite)), str(best["settings"]),
+                     f"{best['final_val_loss']:.3e}"])
+    return ["Grid search:", "", markdown_table(["optimizer", "configurations", "diverged", "best", "its val loss"],
+                                                rows), ""]
+
+
+def _study_section(payload: dict[str, Any], figures: Path, page: Path) -> list[str]:
+    lines = [f"### {payload['task']} — {payload['study']}", "", f"Command: `{payload['command']}`", "",
+             f"Protocol: {_options_text(payload)}.", ""]
+    for optimizer, reason in (payload.get("skipped") or {}).items():
+        lines += [f"Skipped {optimizer}: {reason}", ""]
+    if not payload["runs"]:
+        return lines + ["No run completed.", ""]
+    lines += [markdown_table(*summary_table(payload)), ""]
+    lines += _grid_lines(payload)
+    figure = plot_study(payload, figures / f"{payload['task']}-{payload['study']}.png")
+    if figure:
+        lines += [f"![{payload['task']} {payload['study']}]({Path(os.path.relpath(figure, page.parent)).as_posix()})",
+                  ""]
+    return lines
+
+
+def write_report(results: Path, figures: Path, page: Path) -> Path:
+    """Write ``page`` (markdown) and its plots in ``figures`` from the JSON files in ``results``.
+
+    A ``NOTES.md`` in ``results`` (the analysis in words) is appended verbatim.
+    """
+    payloads = load_payloads(results)
+    relative_results = os.path.relpath(results, page.parent)
+    lines = ["# Results: reproducing the Sven paper's experiments", "",
+             f"Generated by `python -m sven.bench report --results {results} --figures {figures} --page {page}` "
+             f"from the JSON files in [{relative_results}]({relative_results}); every number below is read from "
+             "them. Do not edit by hand.", ""]
+    lines += _machine_section(payloads)
+    lines += _claim_lines(payloads)
+    lines += ["## Studies", ""]
+    for payload in payloads:
+        lines += _study_section(payload, figures, page)
+    notes = results / NOTES_FILE
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines))
+    return page

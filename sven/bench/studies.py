@@ -1,0 +1,147 @@
+"""The paper's studies, each a function of (task, options) returning a JSON-ready payload of runs.
+
+- ``compare``: every optimizer, default or grid-searched settings (Figure 1);
+- ``k``, ``rtol``, ``microbatch_size``, ``param_fraction``: Sven with one setting swept (Figures 2 and 3);
+- ``spectrum``: Sven's kept singular values across epochs, regression vs cross-entropy (Figures 2 and 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sven.bench.grids import default_settings, grid_settings, sweep_values
+from sven.bench.optimizers import OptimizerUnavailable
+from sven.bench.results import final
+from sven.bench.tasks import REGRESSION, Task, build_task
+from sven.bench.train import train
+
+SWEEP_METRICS = {"k": "train_loss", "rtol": "train_loss", "microbatch_size": "val_loss", "param_fraction": "val_loss"}
+LOSS_SIBLINGS = {"mnist-regression": "mnist-ce", "mnist-ce": "mnist-regression",
+                 "digits-regression": "digits-ce", "digits-ce": "digits-regression"}
+
+
+@dataclass
+class StudyOptions:
+    """What the command line chose: optimizers, epochs (None: the task's), seeds, grid search and its epochs,
+    a train/validation subset size (None: all), the device, the MNIST folder and whether to show progress bars."""
+
+    optimizers: list[str] = field(default_factory=lambda: ["sven", "adam"])
+    epochs: int | None = None
+    seeds: int = 1
+    grid: bool = False
+    grid_epochs: int | None = None
+    subset: int | None = None
+    device: str = "cpu"
+    data_dir: str | None = None
+    progress: bool = True
+
+    def epochs_for(self, task: Task) -> int:
+        return self.epochs if self.epochs is not None else task.epochs
+
+
+def load_task(name: str, options: StudyOptions) -> Task:
+    """The task ``name``, cut to ``options.subset`` samples when set."""
+    task = build_task(name, options.data_dir)
+    return task.subset(options.subset) if options.subset else task
+
+
+def _labelled(run: dict[str, Any], label: str) -> dict[str, Any]:
+    run["label"] = label
+    return run
+
+
+def grid_search(task: Task, optimizer: str, options: StudyOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(best settings, every tried configuration with its final validation loss), seed 0, ``grid_epochs`` epochs."""
+    epochs = options.grid_epochs or options.epochs_for(task)
+    tried = []
+    configurations = grid_settings(optimizer, task.loss_kind, task.batch_size)
+    for settings in tqdm(configurations, desc=f"grid {task.name} {optimizer}", disable=not options.progress):
+        run = train(task, optimizer, settings, 0, epochs, options.device, progress=False)
+        tried.append({"settings": settings, "final_val_loss": final(run), "epochs": epochs})
+    best = min(tried, key=lambda entry: entry["final_val_loss"])
+    return best["settings"], tried
+
+
+def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
+    """Every optimizer of ``options`` on ``task`` over the seeds; grid-searched settings with ``options.grid``."""
+    runs, searches, skipped = [], {}, {}
+    for optimizer in options.optimizers:
+        try:
+            if options.grid:
+                settings, searches[optimizer] = grid_search(task, optimizer, options)
+            else:
+                settings = default_settings(optimizer, task.loss_kind, task.batch_size)
+            for seed in range(options.seeds):
+                run = train(task, optimizer, settings, seed, options.epochs_for(task), options.device,
+                            progress=options.progress)
+                runs.append(_labelled(run, optimizer))
+        except OptimizerUnavailable as reason:
+            skipped[optimizer] = str(reason)
+            print(f"skipping {optimizer}: {reason}")
+    return {"runs": runs, "grid_search": searches, "skipped": skipped}
+
+
+def sweep(parameter: str) -> Callable[[Task, StudyOptions], dict[str, Any]]:
+    """The study that trains Sven (default settings) with ``parameter`` set to each of its sweep values."""
+
+    def study(task: Task, options: StudyOptions) -> dict[str, Any]:
+        base = default_settings("sven", task.loss_kind, task.batch_size)
+        runs = []
+        for value in sweep_values(parameter, task.batch_size):
+            settings = {**base, parameter: value}
+            for seed in range(options.seeds):
+                run = train(task, "sven", settings, seed, options.epochs_for(task), options.device,
+                            progress=options.progress)
+                runs.append(_labelled(run, f"{parameter}={value}"))
+        return {"runs": runs, "swept": parameter, "metric": SWEEP_METRICS[parameter]}
+
+    return study
+
+
+def spectrum(task: Task, options: StudyOptions) -> dict[str, Any]:
+    """Sven (default settings, seed 0) on the task and on its other-loss sibling, recording kept σ per epoch."""
+    tasks = [task]
+    if task.name in LOSS_SIBLINGS:
+        sibling = load_task(LOSS_SIBLINGS[task.name], options)
+        tasks = [task, sibling] if task.loss_kind == REGRESSION else [sibling, task]
+    runs = []
+    for each in tasks:
+        settings = default_settings("sven", each.loss_kind, each.batch_size)
+        try:
+            run = train(each, "sven", settings, 0, options.epochs_for(each), options.device,
+                        record_spectrum=True, progress=options.progress)
+        except OptimizerUnavailable as reason:
+            print(f"skipping sven on {each.name}: {reason}")
+            continue
+        runs.append(_labelled(run, f"{each.name} ({each.loss_kind})"))
+    return {"runs": runs}
+
+
+STUDIES: dict[str, Callable[[Task, StudyOptions], dict[str, Any]]] = {
+    "compare": compare,
+    "k": sweep("k"),
+    "rtol": sweep("rtol"),
+    "microbatch_size": sweep("microbatch_size"),
+    "param_fraction": sweep("param_fraction"),
+    "spectrum": spectrum,
+}
+
+
+def run_study(study: str, task_name: str, options: StudyOptions) -> dict[str, Any]:
+    """Run ``study`` on ``task_name``; the payload has the study, task, options and the study's own fields."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
+    task = load_task(task_name, options)
+    payload = {"study": study, "task": task_name, "options": asdict(options)}
+    payload.update(STUDIES[study](task, options))
+    return payload
+
+
+def result_stem(out: Path, task_name: str, study: str) -> Path:
+    """``OUT/TASK-STUDY`` (add .json / .png)."""
+    return out / f"{task_name}-{study}"

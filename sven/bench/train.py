@@ -1,0 +1,84 @@
+"""Train one configuration (task, optimizer, settings, seed) and record its per-epoch history."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sven.bench.optimizers import make_stepper
+from sven.bench.tasks import Task
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task: Task, data: tuple[Tensor, Tensor]) -> tuple[float, float | None]:
+    """(mean loss, accuracy or None) of ``model`` on ``data`` = (x (N, d_in), y)."""
+    x, y = data
+    pred = model(x)
+    return float(task.per_sample_loss(pred, y).double().mean()), task.accuracy(pred, y)
+
+
+def train(task: Task, optimizer: str, settings: dict[str, Any], seed: int, epochs: int,
+          device: torch.device | str = "cpu", record_spectrum: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train a fresh model (initialised and shuffled from ``seed``) for ``epochs`` epochs.
+
+    Returns a JSON-ready dict: the configuration, ``diverged`` (a non-finite loss
+    stopped the run), and ``history`` with one entry per epoch, epoch 0 being the
+    initial model: train_loss and val_loss (full-set means after the epoch),
+    val_accuracy (None without classes), epoch_time (seconds spent in optimizer
+    steps, evaluation excluded), wall_time (their running sum) and, with
+    ``record_spectrum``, the singular values Sven kept at the last step of each epoch.
+    """
+    device = torch.device(device)
+    task = task.to(device)
+    torch.manual_seed(seed)
+    model = task.build_model().to(device)
+    stepper = make_stepper(optimizer, model, task, device, settings)
+    shuffler = torch.Generator().manual_seed(seed)
+    x_train, y_train = task.train
+    samples = x_train.shape[0]
+    history: dict[str, list[Any]] = {key: [] for key in
+                                     ("epoch", "train_loss", "val_loss", "val_accuracy", "epoch_time", "wall_time")}
+    if record_spectrum:
+        history["singular_values"] = []
+
+    def record(epoch: int, seconds: float) -> None:
+        train_loss, _ = evaluate(model, task, task.train)
+        val_loss, val_accuracy = evaluate(model, task, task.val)
+        history["epoch"].append(epoch)
+        history["train_loss"].append(train_loss)
+        history["val_loss"].append(val_loss)
+        history["val_accuracy"].append(val_accuracy)
+        history["epoch_time"].append(seconds)
+        history["wall_time"].append(seconds + (history["wall_time"][-1] if history["wall_time"] else 0.0))
+
+    record(0, 0.0)
+    diverged = False
+    steps_per_epoch = math.ceil(samples / task.batch_size)
+    label = f"{task.name} {optimizer} seed {seed}"
+    with tqdm(total=epochs * steps_per_epoch, desc=label, disable=not progress, leave=False) as bar:
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(samples, generator=shuffler).to(device)
+            started = time.perf_counter()
+            for begin in range(0, samples, task.batch_size):
+                batch = order[begin:begin + task.batch_size]
+                if not math.isfinite(stepper.step(x_train[batch], y_train[batch])):
+                    diverged = True
+                    break
+                bar.update(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            record(epoch, time.perf_counter() - started)
+            if record_spectrum:
+                history["singular_values"].append(stepper.singular_values())
+            diverged = diverged or not math.isfinite(history["val_loss"][-1])
+            bar.set_postfix(val_loss=f"{history['val_loss'][-1]:.3g}")
+            if diverged:
+                break
+    return {"task": task.name, "optimizer": optimizer, "settings": settings, "seed": seed, "epochs": epochs,
+            "batch_size": task.batch_size, "train_size": samples, "val_size": task.val[0].shape[0],
+            "diverged": diverged, "history": history}
