@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sven import Sven, SvenWrapper
-from sven.distributed import DistributedSvenWrapper
+from sven.distributed import DistributedSvenWrapper, gathered_operator
+from sven.jacobian import GramEngine, ParamSpace, functorch_jacobian
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -231,3 +233,59 @@ def test_bytes_per_step_follow_the_formula(ranks: list[dict]) -> None:
             assert stats.all_reduce_bytes == 8 * parameters
             assert stats.broadcast_bytes == 8 * batch
             assert stats.total_bytes == expected
+
+
+class PooledEmbedding(nn.Module):
+    """Tokens (B, T) → embedding (B, T, dim) → LayerNorm → Linear (B, T, 2) → mean over T, (B, 2)."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.linear(self.norm(self.embedding(tokens))).mean(dim=1)
+
+
+def two_shard_gather(shard_b: object) -> Callable[[Tensor], Tensor]:
+    """A stand-in for an all-gather over two ranks, on rank 0: each call appends rank 1's matching tensor.
+
+    ``shard_b`` (rank 1's operator) is gathered first with a recorder, so its tensors come in call order.
+    """
+    recorded: list[Tensor] = []
+    gathered_operator(shard_b, lambda t: recorded.append(t) or t, shard_b.shape[0])
+    return lambda t: torch.cat([t, recorded.pop(0)])
+
+
+def block_test_case(kind: str) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """Models whose blocks take each branch of ``gathered``, and an 8-sample batch."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(3)
+    targets = torch.randn(8, 2, generator=generator, dtype=torch.float64)
+    if kind == "embedding_factors_linear_materialised":
+        return PooledEmbedding(50, 3).double(), (torch.randint(0, 50, (8, 4), generator=generator), targets)
+    if kind == "embedding_materialised":
+        return PooledEmbedding(3, 2).double(), (torch.randint(0, 3, (8, 6), generator=generator), targets)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), ScaleShift(5), nn.Linear(5, 2)).double()
+    return model, (torch.randn(8, 4, generator=generator, dtype=torch.float64), targets)
+
+
+@pytest.mark.parametrize("engine", ["gram", "functorch"])
+@pytest.mark.parametrize(
+    "kind", ["embedding_factors_linear_materialised", "embedding_materialised", "fallback_mlp"]
+)
+def test_gathered_operator_equals_the_full_batch_operator(kind: str, engine: str) -> None:
+    model, (x, y) = block_test_case(kind)
+    params = ParamSpace.of_module(model)
+
+    def operator(rows: slice):
+        if engine == "gram":
+            return GramEngine(model, params).compute(per_sample_mse, (x[rows], y[rows]))[2]
+        return functorch_jacobian(model, per_sample_mse, (x[rows], y[rows]), params)[2]
+
+    full = operator(slice(None))
+    gathered = gathered_operator(operator(slice(0, 5)), two_shard_gather(operator(slice(5, 8))), 8)
+    assert type(gathered) is type(full)
+    assert torch.allclose(gathered.dense(), full.dense(), rtol=0, atol=1e-14)
+    assert torch.allclose(gathered.gram(), full.gram(), rtol=1e-13, atol=1e-14)
