@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sven.bench.optimizers import OPTIMIZER_NAMES
+from sven.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZER_NAMES
 from sven.bench.plots import plot_study
 from sven.bench.report import write_report
 from sven.bench.results import command_line, environment, write_json
@@ -46,8 +46,9 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", choices=list(STUDIES), default="compare",
                         help="compare: all optimizers (Figure 1); k, rtol: Sven sweeps on the training loss "
                              "(Figure 2); microbatch_size, param_fraction: Figure 3; spectrum: Figures 2 and 4")
-    parser.add_argument("--optimizers", type=_optimizer_list, default=list(OPTIMIZER_NAMES),
-                        help=f"comma-separated, for --study compare (default {','.join(OPTIMIZER_NAMES)})")
+    parser.add_argument("--optimizers", type=_optimizer_list, default=list(DEFAULT_OPTIMIZERS),
+                        help=f"comma-separated subset of {','.join(OPTIMIZER_NAMES)}, for --study compare "
+                             f"(default {','.join(DEFAULT_OPTIMIZERS)}; lm needs torch-levenberg-marquardt)")
     parser.add_argument("--epochs", type=_positive, default=None, help="epochs (default: the task's protocol)")
     parser.add_argument("--seeds", type=_positive, default=1, help="seeds 0..N-1 per configuration (default 1)")
     parser.add_argument("--grid", action="store_true", help="grid-search each optimizer (seed 0, final val loss)")
@@ -74,7 +75,7 @@ def report_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace, argv: list[str]) -> Path:
     """Run the study the arguments describe, print its table and write ``OUT/TASK-STUDY.{json,png}``."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> Path:
                            data_dir=args.data_dir, progress=not args.no_progress)
     started = time.perf_counter()
     payload = run_study(args.study, args.task, options)
-    payload.update(command=command_line(), environment=environment(args.device),
+    payload.update(command=command_line(argv), environment=environment(args.device),
                    total_seconds=time.perf_counter() - started)
     stem = result_stem(args.out, args.task, args.study)
     write_json(stem.with_suffix(".json"), payload)
@@ -103,6 +104,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {write_report(args.results, args.figures, args.page)}")
         return
     try:
-        run(study_parser().parse_args(argv))
+        run(study_parser().parse_args(argv), argv)
     except FileNotFoundError as missing:
         raise SystemExit(f"error: {missing}") from missing

@@ -9,7 +9,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from sven.bench.tasks import Task
+from sven.bench.lm_baseline import LevenbergMarquardtStepper, LevenbergMarquardtUnavailable
+from sven.bench.tasks import REGRESSION, Task
 from sven.nn import SvenWrapper
 from sven.opt import PolyakSGD, Sven
 
@@ -86,13 +87,27 @@ TORCH_OPTIMIZERS: dict[str, TorchFactory] = {
     "polyak": lambda params, settings: PolyakSGD(params, **settings),
 }
 SVEN_VARIANTS = ("sven", "sven-damped")
-OPTIMIZER_NAMES = (*SVEN_VARIANTS, *TORCH_OPTIMIZERS)
+DEFAULT_OPTIMIZERS = (*SVEN_VARIANTS, *TORCH_OPTIMIZERS)
+OPTIMIZER_NAMES = (*DEFAULT_OPTIMIZERS, "lm")
+
+
+def make_lm_stepper(model: nn.Module, task: Task, settings: dict[str, Any]) -> Stepper:
+    """The Levenberg–Marquardt baseline (squared-error residuals only); OptimizerUnavailable without its package."""
+    if task.loss_kind != REGRESSION:
+        raise OptimizerUnavailable(f"the lm baseline fits squared-error residuals; task {task.name} uses "
+                                   f"{task.loss_kind}")
+    try:
+        return LevenbergMarquardtStepper(model, task.per_sample_loss, settings)
+    except LevenbergMarquardtUnavailable as missing:
+        raise OptimizerUnavailable(str(missing)) from missing
 
 
 def make_stepper(name: str, model: nn.Module, task: Task, device: torch.device, settings: dict[str, Any]) -> Stepper:
     """The stepper for optimizer ``name`` (one of ``OPTIMIZER_NAMES``) training ``model`` on ``task``."""
     if name in SVEN_VARIANTS:
         return SvenStepper(model, task, device, settings)
+    if name == "lm":
+        return make_lm_stepper(model, task, settings)
     if name not in TORCH_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
     return ClosureStepper(model, task, TORCH_OPTIMIZERS[name](list(model.parameters()), settings))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,9 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     return info
 
 
-def command_line() -> str:
-    """The command that is running, as ``python -m sven.bench ARGS``."""
-    return " ".join(["python -m sven.bench", *sys.argv[1:]])
+def command_line(argv: list[str]) -> str:
+    """The command ``python -m sven.bench ARGV`` (arguments quoted for the shell where needed)."""
+    return " ".join(["python -m sven.bench", *(shlex.quote(arg) for arg in argv)])
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -25,7 +25,7 @@ def _losses_row(runs: list[dict[str, Any]]) -> list[str]:
         _mean_std_text([final(run, "train_loss") for run in runs]),
         _mean_std_text([final(run, "val_loss") for run in runs]),
         accuracy,
-        f"{mean_std([run['history']['wall_time'][-1] for run in runs])[0]:.1f}",
+        f"{mean_std([run['history']['wall_time'][-1] for run in runs])[0]:.2f}",
         f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
     ]
 

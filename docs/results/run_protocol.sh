@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The reduced protocol behind docs/RESULTS.md (about 45 minutes on 2 shared CPU cores).
+# The full grids and seeds of the paper stay available through the same flags (e.g. --seeds 10, --grid-epochs 20).
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-docs/results}
+ALL=sven,sven-damped,adam,sgd,rmsprop,lbfgs,polyak,lm
+for task in toy1d poly; do
+  $PY -m sven.bench $task --optimizers $ALL --grid --grid-epochs 2 --epochs 20 --seeds 3 --out $OUT --no-progress
+done
+$PY -m sven.bench mnist-regression --optimizers $ALL --epochs 10 --seeds 2 --out $OUT --no-progress
+for study in k rtol; do
+  $PY -m sven.bench mnist-regression --study $study --epochs 3 --out $OUT --no-progress
+done
+$PY -m sven.bench mnist-regression --study spectrum --epochs 5 --out $OUT --no-progress
+for task in toy1d poly; do
+  for study in microbatch_size param_fraction; do
+    $PY -m sven.bench $task --study $study --epochs 10 --seeds 5 --out $OUT --no-progress
+  done
+done
+$PY -m sven.bench mnist-ce --optimizers sven,sven-damped,adam,sgd,rmsprop,lbfgs,polyak --epochs 5 --out $OUT --no-progress
+$PY -m sven.bench report --results $OUT --figures docs/figures --page docs/RESULTS.md

@@ -1,0 +1,170 @@
+"""The benchmark: tasks, grids, every task × optimizer through the CLI, the studies and the results page."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sven.bench.cli import main
+from sven.bench.grids import HYPERPARAMETERS, default_settings, grid_settings, sweep_values
+from sven.bench.mnist import MNIST_FILES
+from sven.bench.optimizers import OPTIMIZER_NAMES
+from sven.bench.results import read_json
+from sven.bench.tasks import DEFAULT_MNIST_DIR, TASK_BUILDERS, build_task, monomial_exponents, poly, toy1d, toy1d_target
+from sven.bench.train import train
+
+HAS_MNIST = all((DEFAULT_MNIST_DIR / name).is_file() for name in MNIST_FILES.values())
+TASKS = [name for name in TASK_BUILDERS if HAS_MNIST or not name.startswith("mnist")]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(*args: str) -> None:
+    main([*args, "--no-progress"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_optimizer_runs_one_short_epoch_and_writes_json_and_png(task: str, tmp_path: Path) -> None:
+    run_cli(task, "--optimizers", ",".join(OPTIMIZER_NAMES), "--epochs", "1", "--subset", "64",
+            "--out", str(tmp_path))
+    payload = json.loads((tmp_path / f"{task}-compare.json").read_text())
+    assert (tmp_path / f"{task}-compare.png").read_bytes()[:8] == PNG_SIGNATURE
+    ran = {run["optimizer"] for run in payload["runs"]}
+    assert ran | set(payload["skipped"]) == set(OPTIMIZER_NAMES)
+    assert {"sven", "sven-damped", "adam", "sgd", "rmsprop", "lbfgs", "polyak"} <= ran
+    assert payload["environment"]["torch"] == torch.__version__
+    assert payload["command"].startswith(f"python -m sven.bench {task}")
+    for run in payload["runs"]:
+        history = run["history"]
+        assert history["epoch"] == [0, 1] and run["seed"] == 0 and run["train_size"] == 64
+        assert len(history["train_loss"]) == len(history["val_loss"]) == len(history["epoch_time"]) == 2
+        assert history["wall_time"][1] == history["epoch_time"][1] > 0
+        has_accuracy = build_task_kind(task)
+        assert (history["val_accuracy"][1] is not None) == has_accuracy
+        assert run["settings"] == default_settings(run["optimizer"], run_loss_kind(task), run["batch_size"])
+
+
+def build_task_kind(task: str) -> bool:
+    return not task.startswith(("toy1d", "poly"))
+
+
+def run_loss_kind(task: str) -> str:
+    return "cross_entropy" if task.endswith("-ce") else "regression"
+
+
+def test_missing_mnist_folder_fails_with_the_file_names(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="t10k-labels-idx1-ubyte.gz") as error:
+        run_cli("mnist-ce", "--data-dir", str(tmp_path), "--out", str(tmp_path))
+    assert str(tmp_path.resolve()) in str(error.value)
+
+
+def test_unknown_optimizer_is_refused_with_the_valid_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli("toy1d", "--optimizers", "sven,adamw")
+    assert "unknown optimizer(s) adamw" in capsys.readouterr().err
+
+
+def test_toy1d_data_follow_the_protocol() -> None:
+    task = toy1d()
+    x_train, y_train = task.train
+    assert x_train.shape == (10_000, 1) and task.val[0].shape == (10_000, 1)
+    assert float(x_train.min()) >= -1 and float(x_train.max()) <= 1
+    raw = toy1d_target(x_train)
+    torch.testing.assert_close(y_train, (raw - raw.mean()) / raw.std())
+    assert task.layer_sizes == (1, 16, 16, 16, 1) and task.batch_size == 32 and task.epochs == 20
+
+
+def test_poly_targets_are_an_exact_degree_4_polynomial_with_cross_terms() -> None:
+    exponents = monomial_exponents(6, 4)
+    assert exponents.shape == (210, 6) and int(exponents.sum(dim=1).max()) == 4
+    assert len({tuple(row.tolist()) for row in exponents}) == 210
+    task = poly(size=2000)
+    x, y = (t.double() for t in task.train)
+    features = (x[:, None, :] ** exponents.double()[None]).prod(dim=2)
+    coefficients = torch.linalg.lstsq(features, y).solution
+    assert float((features @ coefficients - y).abs().max()) < 1e-4
+    cross_terms = (exponents > 0).sum(dim=1) > 1
+    assert float(coefficients[cross_terms].abs().min()) > 1e-3
+    without_cross = torch.linalg.lstsq(features[:, ~cross_terms], y).solution
+    assert float((features[:, ~cross_terms] @ without_cross - y).pow(2).mean()) > 0.1
+
+
+def test_grids_live_in_one_table_and_resolve_the_batch_size() -> None:
+    assert set(HYPERPARAMETERS["sven"]["grid"]) == {"lr", "k", "rtol"}
+    configurations = grid_settings("sven", "regression", 32)
+    assert len(configurations) == 6 * 4 * 3
+    assert sorted({c["k"] for c in configurations}) == [1, 2, 4, 8, 16, 32]
+    assert sorted({c["k"] for c in grid_settings("sven", "regression", 64)}) == [1, 2, 4, 8, 16, 32, 64]
+    assert {c["lr"] for c in grid_settings("sven", "cross_entropy", 64)} == {1.0, 10.0, 50.0, 100.0}
+    assert all(c["use_rmsprop"] for c in grid_settings("sven", "cross_entropy", 64))
+    assert len(grid_settings("lbfgs", "regression", 32)) == 3 * 4 * 4
+    assert default_settings("sven", "regression", 64)["k"] == 64
+    assert sweep_values("k", 32) == [1, 2, 4, 8, 16, 32]
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw'; expected one of"):
+        default_settings("adamw", "regression", 32)
+
+
+def test_grid_search_keeps_the_configuration_with_the_lowest_final_validation_loss(tmp_path: Path) -> None:
+    run_cli("toy1d", "--optimizers", "adam", "--grid", "--epochs", "1", "--subset", "96", "--out", str(tmp_path))
+    payload = read_json(tmp_path / "toy1d-compare.json")
+    tried = payload["grid_search"]["adam"]
+    assert [entry["settings"]["lr"] for entry in tried] == [1e-4, 1e-3, 1e-2, 1e-1]
+    best = min(tried, key=lambda entry: entry["final_val_loss"])
+    assert payload["runs"][0]["settings"] == best["settings"]
+    assert payload["runs"][0]["history"]["val_loss"][-1] == pytest.approx(best["final_val_loss"])
+
+
+def test_a_diverging_run_stops_and_is_marked(tmp_path: Path) -> None:
+    task = build_task("toy1d").subset(256)
+    run = train(task, "sgd", {"lr": 1e30}, seed=0, epochs=3, progress=False)
+    assert run["diverged"] and len(run["history"]["epoch"]) < 4
+    assert not math.isfinite(run["history"]["train_loss"][-1])
+
+
+@pytest.mark.parametrize("study", ["k", "rtol", "microbatch_size", "param_fraction", "spectrum"])
+def test_studies_write_json_png_and_the_report_links_them(study: str, tmp_path: Path) -> None:
+    task = "digits-regression" if study == "spectrum" else "toy1d"
+    results = tmp_path / "results"
+    run_cli(task, "--study", study, "--epochs", "2", "--subset", "64", "--out", str(results))
+    payload = read_json(results / f"{task}-{study}.json")
+    assert (results / f"{task}-{study}.png").read_bytes()[:8] == PNG_SIGNATURE
+    if study == "spectrum":
+        assert [run["task"] for run in payload["runs"]] == ["digits-regression", "digits-ce"]
+        for run in payload["runs"]:
+            spectra = run["history"]["singular_values"]
+            assert len(spectra) == 2 and all(s == sorted(s, reverse=True) and len(s) <= 32 for s in spectra)
+    else:
+        assert {run["settings"][study] for run in payload["runs"]} == set(sweep_values(study, 32))
+    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
+          "--page", str(tmp_path / "RESULTS.md")])
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert f"![{task} {study}](figures/{task}-{study}.png)" in page
+    assert (tmp_path / "figures" / f"{task}-{study}.png").is_file()
+    assert payload["command"] in page
+    first = payload["runs"][0]
+    if study != "spectrum":
+        assert f"{first['history']['val_loss'][-1]:.3e}" in page
+
+
+def test_report_compares_with_the_paper_from_the_json(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    run_cli("toy1d", "--optimizers", "sven,adam", "--epochs", "1", "--seeds", "2", "--subset", "64",
+            "--out", str(results))
+    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
+          "--page", str(tmp_path / "RESULTS.md")])
+    payload = read_json(results / "toy1d-compare.json")
+    finals = {name: [run["history"]["val_loss"][-1] for run in payload["runs"] if run["optimizer"] == name]
+              for name in ("sven", "adam")}
+    ratio = (sum(finals["sven"]) / 2) / (sum(finals["adam"]) / 2)
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert f"ratio Sven/Adam {ratio:.2f}" in page
+    assert ("**reproduced**" if ratio <= 0.5 else "**not reproduced**") in page
+    assert "**mnist-regression** — claim" in page and "Not run here" in page
+
+
+def test_report_without_results_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no \\*.json results in"):
+        main(["report", "--results", str(tmp_path), "--page", str(tmp_path / "R.md")])
