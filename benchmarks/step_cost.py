@@ -10,7 +10,8 @@ Methods (each on its own copy of the same model, random data, no download):
   torch_path  SvenWrapper(engine="functorch") + Sven(svd_mode="torch", k=B): J (B × P) and its full SVD;
               skipped where its steps would take over a minute, else as many steps (≥ 3) as fit in one
 Steps of all methods are interleaved round-robin, so a load change on the shared machine
-hits every method alike; the ratios Sven/SGD and torch_path/Sven use medians of one run.
+hits every method alike; the ratios Sven/SGD and torch_path/Sven use medians of one run
+(also given from the fastest step of each method, and with the 1-min load average).
 Peak memory: what 3 steps add at their peak to what was allocated before them (model, data,
 optimizer state after one step): CUDA — torch.cuda.max_memory_allocated; CPU — glibc's
 in-use heap bytes (mallinfo2: arena + mmapped blocks) sampled after every aten op by a
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -268,12 +270,12 @@ def peak_memory_mb(method: str, config: Config, device: torch.device) -> float:
     return (heap.peak - heap.baseline) / 2**20
 
 
-def ratios(timings: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """Sven/SGD (k = B and k = 64) and torch_path/Sven from the medians."""
-    median = {m: t.get("median_ms") for m, t in timings.items()}
+def ratios(timings: dict[str, dict[str, Any]], statistic: str = "median_ms") -> dict[str, float | None]:
+    """Sven/SGD (k = B and k = 64) and torch_path/Sven from one statistic of the step times."""
+    value = {m: t.get(statistic) for m, t in timings.items()}
 
     def ratio(top: str, bottom: str) -> float | None:
-        return median[top] / median[bottom] if median.get(top) and median.get(bottom) else None
+        return value[top] / value[bottom] if value.get(top) and value.get(bottom) else None
 
     return {"sven/sgd": ratio("sven", "sgd"), "sven_k64/sgd": ratio("sven_k64", "sgd"),
             "torch_path/sven": ratio("torch_path", "sven")}
@@ -300,11 +302,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 def run(device: torch.device, steps: int, warmup: int, out: Path) -> list[dict[str, Any]]:
     rows = []
     for config in CONFIGS:
+        load_before = os.getloadavg()[0]
         timings = time_methods(config, device, steps, warmup)
         rows.append({
             "model": config.name, "batch_size": config.batch_size,
             "params": sum(p.numel() for p in make_model(config, torch.device("cpu")).parameters()),
-            "timings": timings, "ratios": ratios(timings),
+            "load_average_1min": [load_before, os.getloadavg()[0]],
+            "timings": timings, "ratios": ratios(timings), "ratios_of_fastest_steps": ratios(timings, "min_ms"),
             "breakdown": breakdown(config, device, steps),
             "peak_memory_mb": {m: peak_memory_mb(m, config, device) for m in timings if "skipped" not in timings[m]},
         })

@@ -21,7 +21,7 @@ from sven.jacobian.blocks import OuterProductBlock
 from sven.jacobian.layers.embedding import EmbeddingBlock
 from sven.nn import SvenWrapper
 from sven.opt import Sven
-from sven.opt.pinv import CertifiedGramSpectrum, nothing_to_cut, pinv_direction, truncated_spectrum
+from sven.opt.pinv import CertifiedGramSpectrum, certify_nothing_cut, pinv_direction, truncated_spectrum
 
 GRAM_TOLERANCE = 1e-10
 STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -311,19 +311,28 @@ def test_gram_route_certifies_only_when_nothing_is_cut(
     assert relative_error(spectrum.sigma, sigma[: spectrum.rank_kept]) <= 1e-10
 
 
-def test_certified_route_applies_damping_as_the_filtered_svd() -> None:
-    """With damping λ the Cholesky route solves (M Mᵀ + λI) c = r: V diag(σ/(σ² + λ)) Uᵀ r."""
+@pytest.mark.parametrize("damping_over_smallest_eigenvalue, factorisations", [(0.0, 0), (1e-3, 0), (1e3, 1)],
+                         ids=["refined", "small_damping_refined", "large_damping_factorised"])
+def test_certified_route_solves_the_damped_system_exactly(
+    damping_over_smallest_eigenvalue: float, factorisations: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Cholesky route gives V diag(σ/(σ² + λ)) Uᵀ r: by refinement on the certificate's factor while
+    that contracts, else (λ far above the smallest eigenvalue) by factorising M Mᵀ + λI."""
     operator, residuals, jacobian = mlp_operator(12)
     spectrum = truncated_spectrum(operator, "gram", 64, 1e-3)
     assert isinstance(spectrum, CertifiedGramSpectrum)
     u, sigma, vh = torch.linalg.svd(jacobian, full_matrices=False)
-    damping = float(sigma[0] * sigma[-1])
+    damping = damping_over_smallest_eigenvalue * float(sigma[-1]) ** 2
     expected = vh.T @ (sigma / (sigma**2 + damping) * (u.T @ residuals))
+    calls = []
+    cholesky = torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda matrix: calls.append(1) or cholesky(matrix))
     assert relative_error(pinv_direction(spectrum, operator, residuals, damping), expected) <= 1e-10
+    assert len(calls) == factorisations
 
 
 @pytest.mark.parametrize("ratio", [0.999, 0.9, 0.5, 1e-3])
-def test_nothing_to_cut_never_certifies_a_spectrum_with_a_value_below_the_cut(ratio: float) -> None:
+def test_certificate_never_accepts_a_spectrum_with_a_value_below_the_cut(ratio: float) -> None:
     """Gram matrices whose smallest σ is ratio·(cut) < cut: the certificate must always refuse."""
     rtol = 1e-3
     generator = torch.Generator().manual_seed(4)
@@ -331,6 +340,6 @@ def test_nothing_to_cut_never_certifies_a_spectrum_with_a_value_below_the_cut(ra
         q = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64)).Q
         sigma = torch.logspace(0, -2, size, dtype=torch.float64)
         sigma[-1] = ratio * rtol
-        assert not nothing_to_cut(q @ torch.diag(sigma**2) @ q.T, rtol)
+        assert certify_nothing_cut(q @ torch.diag(sigma**2) @ q.T, rtol) is None
         sigma[-1] = 4 * rtol
-        assert nothing_to_cut(q @ torch.diag(sigma**2) @ q.T, rtol)
+        assert certify_nothing_cut(q @ torch.diag(sigma**2) @ q.T, rtol) is not None

@@ -101,16 +101,32 @@ def _gram_eigh(gram: Tensor) -> tuple[Tensor, Tensor, float]:
     return eigenvectors, eigenvalues.clamp(min=0).sqrt(), _eig_floor(gram.shape[0])
 
 
+@dataclass(frozen=True)
+class GramCertificate:
+    """Proof that every eigenvalue of a Gram matrix G exceeds ``shift``: the Cholesky factor (n, n) of G − shift·I."""
+
+    shift: float
+    factor: Tensor
+
+
+REFINEMENT_TOLERANCE = 1e-12
+"""A refined solve stops once its last correction is below this fraction of the solution."""
+MAX_REFINEMENTS = 6
+SLOW_CONTRACTION = 0.1
+"""Refinement gives up (and factorises) when a correction is not below this fraction of the previous one."""
+
+
 class CertifiedGramSpectrum(Spectrum):
     """M Mᵀ proved to have every σ above the cut: nothing is truncated and M⁺r = Mᵀ (M Mᵀ)⁻¹ r.
 
-    The step solves with a Cholesky factor of the Gram matrix (rows × rows, float64);
+    The step solves with the certificate's Cholesky factor (rows × rows, float64);
     ``u``, ``sigma`` and ``sigma_all`` — the very values the eigh route returns — are
     computed by one eigh only when something reads them (diagnostics).
     """
 
-    def __init__(self, gram: Tensor, rtol_used: float) -> None:
+    def __init__(self, gram: Tensor, certificate: GramCertificate, rtol_used: float) -> None:
         self.gram = gram
+        self.certificate = certificate
         self.v = None
         self.rtol_used = rtol_used
 
@@ -136,44 +152,63 @@ class CertifiedGramSpectrum(Spectrum):
         return self.gram.shape[0]
 
     def solve(self, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        """c = (M Mᵀ + damping·I)⁻¹ r for r (rows,) float64; returns (rows,) float64."""
-        shifted = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
-        factor = torch.linalg.cholesky(shifted)
-        return torch.cholesky_solve(residuals.unsqueeze(1), factor).squeeze(1)
+        """c = (G + damping·I)⁻¹ r for r (rows,) float64, G = M Mᵀ; returns (rows,) float64.
+
+        Iterative refinement on the certificate's factor of S = G − τI: each correction
+        S⁻¹(r − (G + damping·I) c) shrinks the error by (τ + damping)/λ_min(S), tiny when
+        the spectrum sits well above the cut. When the corrections do not fall below
+        ``REFINEMENT_TOLERANCE`` of c within ``MAX_REFINEMENTS``, or shrink by less than
+        ``SLOW_CONTRACTION`` per step, G + damping·I is factorised instead.
+        """
+        system = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
+        solve_shifted = lambda v: torch.cholesky_solve(v.unsqueeze(1), self.certificate.factor).squeeze(1)  # noqa: E731
+        solution = solve_shifted(residuals)
+        previous = float("inf")
+        for _ in range(MAX_REFINEMENTS):
+            correction = solve_shifted(residuals - system @ solution)
+            solution = solution + correction
+            size = float(correction.norm())
+            if size <= REFINEMENT_TOLERANCE * float(solution.norm()):
+                return solution
+            if size > SLOW_CONTRACTION * previous:
+                break
+            previous = size
+        return torch.cholesky_solve(residuals.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
 
 
 def _identity_like(square: Tensor) -> Tensor:
     return torch.eye(square.shape[0], dtype=square.dtype, device=square.device)
 
 
-def nothing_to_cut(gram: Tensor, rtol_used: float) -> bool:
-    """Whether every eigenvalue of the Gram matrix G (n, n) provably exceeds (rtol_used·σ_max)².
+def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | None:
+    """A proof that every eigenvalue of the Gram matrix G (n, n) exceeds (rtol_used·σ_max)², or None.
 
     λ_max ≤ U = min(‖G‖_∞, ‖G‖_F), inflated to cover the rounding of these sums. A Cholesky
     factorisation of G − τI with τ = rtol_used²·U + s·tr(G), s = 4(n + 2)ε, that succeeds in
     floating point proves G − rtol_used²·U·I positive definite: the extra s·tr(G) exceeds the
     factorisation's backward error (Rump, BIT 2006) and the error of an eigh of G, so the eigh
-    route would keep every value too. A False answer proves nothing: the caller takes eigh.
+    route would keep every value too. None proves nothing: the caller takes eigh.
     """
     slack = 4 * (gram.shape[0] + 2) * FLOAT64_EPS
     row_sums = float(gram.abs().sum(dim=1).max())
     upper = min(row_sums, float(torch.linalg.matrix_norm(gram))) * (1 + slack)
     shift = rtol_used**2 * upper + slack * float(gram.diagonal().sum())
-    _, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
-    return int(info) == 0
+    factor, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
+    return GramCertificate(shift, factor) if int(info) == 0 else None
 
 
 @_solver("gram")
 def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions) -> Spectrum:
     """M Mᵀ (rows × rows, float64); λ = σ²; V is never formed.
 
-    When k ≥ rows and ``nothing_to_cut`` proves that no σ falls below the cut, the
+    When k ≥ rows and ``certify_nothing_cut`` proves that no σ falls below the cut, the
     step needs no eigendecomposition (``CertifiedGramSpectrum``); otherwise eigh.
     """
     gram = op.gram()
     rtol_used = max(rtol, _eig_floor(gram.shape[0]))
-    if k >= gram.shape[0] and nothing_to_cut(gram, rtol_used):
-        return CertifiedGramSpectrum(gram, rtol_used)
+    certificate = certify_nothing_cut(gram, rtol_used) if k >= gram.shape[0] else None
+    if certificate is not None:
+        return CertifiedGramSpectrum(gram, certificate, rtol_used)
     u, sigma, floor = _gram_eigh(gram)
     return _truncate(u, sigma, None, k, rtol, floor)
 
