@@ -42,6 +42,9 @@ def summary_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows = []
         for label, (run, *_) in groups.items():
             spectra = [s for s in run["history"]["singular_values"] if s]
+            if not spectra:
+                rows.append([label, "0", "–", "–", "–"])
+                continue
             rows.append([label, str(len(spectra)), f"{len(spectra[0])} → {len(spectra[-1])}",
                          f"{spectra[0][0]:.2e} → {spectra[-1][0]:.2e}", f"{spectra[-1][-1] / spectra[-1][0]:.1e}"])
         return headers, rows
