@@ -118,3 +118,24 @@ def test_model_parameters_state_dict_and_forward_show_the_new_values(engine: str
     assert torch.allclose(wrapped(x), expected_model(x), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(model(x), old_output, rtol=1e-3, atol=0)
 
+
+
+@pytest.mark.parametrize("engine", ["gram", "functorch"])
+def test_kappa_one_gives_a_zero_loss_sample_a_zero_row_instead_of_skipping(engine: str) -> None:
+    """l_i = 0 exactly: r_i = 0 and row i of M is zero; the step is the reference step on the other rows."""
+    model = make_mlp([3, 8, 2])
+    x, y = make_batch(BATCH_SIZE, 3, 2)
+    with torch.no_grad():
+        y[4] = model(x[4:5])[0]
+    wrapped = SvenWrapper(model, per_sample_mse, kappa=1.0, engine=engine)
+    optimizer = Sven(wrapped, lr=LR, k=K, rtol=RTOL)
+    losses, _ = wrapped.loss_and_grad((x, y))
+    assert losses[4] == 0
+    _, loss_jacobian = reference_residuals_and_jacobian(model, per_sample_mse, (x, y), kappa=2.0)
+    root = losses.double().sqrt()
+    row_scale = torch.where(root > 0, 0.5 / root, torch.zeros_like(root))
+    expected = -LR * reference_direction(row_scale[:, None] * loss_jacobian, root, K, RTOL)
+    before = flat_parameters(model)
+    optimizer.step()
+    assert optimizer.last_step["skipped"] is False
+    assert relative_error(flat_parameters(model) - before, expected) <= 1e-8

@@ -45,6 +45,12 @@ def per_sample_loss_grads(
         loss = loss_fn(pred, y.unsqueeze(0), *(r.unsqueeze(0) for r in rest))
         if not isinstance(loss, Tensor) or tuple(loss.shape) != (1,):
             shape = tuple(getattr(loss, "shape", ()))
+            if shape and shape[0] != 1:
+                raise ValueError(
+                    f"loss_fn returned shape {shape} for one sample inside torch.func.vmap (expected (1,)): "
+                    "it mixes samples, e.g. by closing over a batch-sized tensor; pass such tensors in the "
+                    "batch as (x, y, *extra) so they are split per sample, or use engine='gram'"
+                )
             raise losses_shape_error((batch_size, *shape[1:]) if shape else (), batch_size)
         return loss[0], (loss[0].detach(), pred[0].detach())
 

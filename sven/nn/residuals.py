@@ -28,6 +28,10 @@ def residuals_and_row_map(
     """Residuals r (G,) in float64 and the row map R (G, B), or None when R is the identity.
 
     Raises ValueError for a negative loss when kappa ≠ 2 (the power is undefined).
+    For kappa < 2 a group whose mean loss is exactly 0 has an infinite derivative of
+    l^(kappa/2); its condition r_g = 0 already holds, so its row of M is set to zero
+    (the step leaves that condition to first order unconstrained) instead of making
+    the whole Jacobian non-finite.
     """
     losses64 = losses.detach().to(torch.float64)
     if kappa != 2.0 and bool((losses64 < 0).any()):
@@ -42,4 +46,6 @@ def residuals_and_row_map(
     grouped = grouping @ losses64
     residuals = grouped ** (kappa / 2)
     row_scale = (kappa / 2) * grouped ** (kappa / 2 - 1) if kappa != 2.0 else torch.ones_like(grouped)
+    if kappa < 2.0:
+        row_scale = torch.where(grouped == 0, torch.zeros_like(row_scale), row_scale)
     return residuals, row_scale[:, None] * grouping

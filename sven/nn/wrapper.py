@@ -53,8 +53,9 @@ class SvenWrapper:
             Gauss–Newton residuals √l. Must be > 0.
         param_fraction: f in (0, 1]; each step differentiates a fresh random subset of
             ⌊f·P⌋ parameters and moves only those. The subsets are drawn from the wrapper's
-            own ``generator`` (seeded from torch's global RNG at construction), whose state
-            ``Sven.state_dict()`` carries.
+            own ``generator`` (seeded from torch's global RNG at construction, so
+            ``torch.manual_seed`` before building the wrapper reproduces them), whose state
+            ``Sven.state_dict()`` carries. With f = 1 no random number is drawn.
         microbatch_size: m ≥ 1; losses are averaged over consecutive groups of m samples
             before the power, so M has ⌈B/m⌉ rows; the last group is smaller when m ∤ B.
         engine: "gram" (hooks, never forms the B × P Jacobian), "functorch" (vmap of
@@ -94,8 +95,12 @@ class SvenWrapper:
         self.params = ParamSpace.of_module(self.model)
         self._gram_engine = GramEngine(self.model, self.params) if self.engine == "gram" else None
         self.state: JacobianState | None = None
+        self.generator = self._seeded_generator() if self.param_fraction < 1 else None
+
+    def _seeded_generator(self) -> torch.Generator:
+        """A generator for the parameter subsets, seeded from torch's global RNG (only when f < 1)."""
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

@@ -162,7 +162,7 @@ class Sven(torch.optim.Optimizer):
             "damping": self.current_damping,
             "square_avg": clone(self.square_avg),
             "momentum": clone(self.momentum),
-            "param_fraction_rng": self.wrapped.generator.get_state(),
+            "param_fraction_rng": None if self.wrapped.generator is None else self.wrapped.generator.get_state(),
         }
         return state
 
@@ -183,7 +183,8 @@ class Sven(torch.optim.Optimizer):
         self.current_damping = float(extra["damping"])
         self.square_avg = to_device(extra["square_avg"])
         self.momentum = to_device(extra["momentum"])
-        self.wrapped.generator.set_state(extra["param_fraction_rng"])
+        if self.wrapped.generator is not None and extra["param_fraction_rng"] is not None:
+            self.wrapped.generator.set_state(extra["param_fraction_rng"])
 
     def _settings(self) -> dict[str, Any]:
         first = self.param_groups[0]
