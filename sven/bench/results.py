@@ -71,5 +71,7 @@ def final(run: dict[str, Any], metric: str = "val_loss") -> float:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value, nan when a value is not finite)."""
+    if not all(math.isfinite(value) for value in values):
+        return statistics.fmean(values), math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
