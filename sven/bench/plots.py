@@ -15,21 +15,27 @@ LABELS = {"val_loss": "validation loss", "train_loss": "training loss", "val_acc
           "epoch": "epoch", "wall_time": "wall time (s)"}
 
 
-def curve_band(runs: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x mean, y mean, y std) over runs, each (E,), cut to the shortest history (diverged runs stop early)."""
+def curve_band(runs: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, ...]:
+    """(x mean, y mean, y std, y min) over runs, each (E,), cut to the shortest history."""
     length = min(len(run["history"][y]) for run in runs)
     xs = np.array([run["history"][x][:length] for run in runs], dtype=float)
     ys = np.array([[np.nan if v is None else v for v in run["history"][y][:length]] for run in runs], dtype=float)
-    return xs.mean(axis=0), ys.mean(axis=0), ys.std(axis=0)
+    return xs.mean(axis=0), ys.mean(axis=0), ys.std(axis=0), ys.min(axis=0)
 
 
 def draw_bands(axis: plt.Axes, groups: dict[str, list[dict[str, Any]]], x: str, y: str, log: bool = True) -> None:
-    """One line per group (mean over its runs) with a shaded ±1σ band."""
+    """One line per group (mean over its runs that did not diverge) with a shaded ±1σ band.
+
+    On a log scale the band's lower edge is clipped at the lowest run, so it stays positive.
+    A group whose runs all diverged is drawn up to where they stopped.
+    """
     for label, runs in groups.items():
-        xs, mean, std = curve_band(runs, x, y)
-        line, = axis.plot(xs, mean, label=label)
-        if len(runs) > 1:
-            lower = np.clip(mean - std, mean * 1e-3, None) if log else mean - std
+        kept = [run for run in runs if not run["diverged"]] or runs
+        diverged = sum(run["diverged"] for run in runs)
+        xs, mean, std, lowest = curve_band(kept, x, y)
+        line, = axis.plot(xs, mean, label=label + (f" ({diverged}/{len(runs)} diverged)" if diverged else ""))
+        if len(kept) > 1:
+            lower = np.maximum(mean - std, lowest) if log else mean - std
             axis.fill_between(xs, lower, mean + std, color=line.get_color(), alpha=0.2)
     if log and y != "val_accuracy":
         axis.set_yscale("log")
