@@ -85,7 +85,7 @@ def main() -> None:
     rows = shard_rows(args.batch_size, rank, world_size)
     train_x, train_y = task.train
     batches = global_batches(train_x.shape[0], args.batch_size, args.seed)
-    step_times, step_bytes = [], []
+    step_times, step_stats = [], []
     for step in range(1, args.steps + 1):
         indices = next(batches)[rows].to(device)
         started = time.perf_counter()
@@ -94,7 +94,7 @@ def main() -> None:
         if use_cuda:
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - started)
-        step_bytes.append(wrapped.comm.take_stats().total_bytes)
+        step_stats.append(wrapped.comm.take_stats())
         if rank == 0 and (step % args.log_every == 0 or step == 1):
             print(f"step {step:5d}  global mean loss {optimizer.last_step['mean_loss']:.4f}  "
                   f"rank kept {optimizer.last_step.get('rank_kept', '-')}  step {1e3 * step_times[-1]:.1f} ms",
@@ -103,11 +103,17 @@ def main() -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     wrapped.comm.require_replicated(flat, "the parameters after training")
     if rank == 0:
-        timed = step_times[min(10, len(step_times) - 1):]
+        warm = min(10, len(step_times) - 1)
+        timed = torch.tensor(step_times[warm:])
+        in_collectives = torch.tensor([stats.seconds for stats in step_stats[warm:]])
         print(f"world size {world_size}, {torch.get_num_threads()} thread(s) per process, "
               f"global batch {args.batch_size} ({rows.stop - rows.start} on rank 0)")
-        print(f"mean step time {1e3 * sum(timed) / len(timed):.2f} ms (after 10 warm-up steps), "
-              f"payload communicated per step per rank {sum(step_bytes) / len(step_bytes):,.0f} bytes")
+        print(f"step time after 10 warm-up steps: median {1e3 * timed.median():.2f} ms, "
+              f"mean {1e3 * timed.mean():.2f} ms, of which in collectives (rank 0) median "
+              f"{1e3 * in_collectives.median():.2f} ms")
+        mean_bytes = sum(stats.total_bytes for stats in step_stats) / len(step_stats)
+        mean_calls = sum(stats.calls for stats in step_stats) / len(step_stats)
+        print(f"payload communicated per step per rank: {mean_bytes:,.0f} bytes in {mean_calls:.0f} collectives")
         print(f"parameters identical on all ranks; validation accuracy {accuracy(model, *task.val):.4f}")
     dist.destroy_process_group()
 

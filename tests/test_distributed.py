@@ -9,6 +9,7 @@ reference by the core tests (tests/test_exact_modes.py).
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from collections.abc import Callable
@@ -31,6 +32,8 @@ WORLD_SIZE = 2
 STEPS = 3
 D_IN, WIDTH, D_OUT = 4, 6, 3
 TOLERANCE = 1e-10
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
+"""Ranks that disagree on the sequence of collectives fail after this instead of hanging."""
 
 
 class ScaleShift(nn.Module):
@@ -100,6 +103,8 @@ SCENARIOS = {
     "randomized_seeded_alike": Scenario(
         "mlp", (5, 5), dict(engine="gram"), dict(lr=0.5, k=10, svd_mode="randomized", oversampling=5)
     ),
+    "adaptive_damping": Scenario("mlp", (6, 4), dict(engine="gram"), dict(lr=1.0, k=8, damping="adaptive")),
+    "variable_k": Scenario("mlp", (6, 4), dict(engine="gram"), dict(lr=1.0, k=8, variable_k=True)),
     "ddp_module": Scenario("mlp", (4, 6), dict(engine="gram"), dict(lr=0.5, k=8), ddp=True),
     "nonfinite_on_rank1": Scenario("mlp", (5, 5), dict(engine="gram"), dict(lr=0.5, k=8), nan_step=1),
 }
@@ -162,7 +167,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     here) after all work is done, which would fail the spawn.
     """
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
         results = {name: train(scenario, rank) for name, scenario in SCENARIOS.items()}
         results["randomized_seeded_apart"] = error_message(RANDOMIZED_SEEDED_APART, rank, None)

@@ -8,6 +8,7 @@ wire traffic of ring algorithms.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,12 +18,16 @@ from torch import Tensor, nn
 
 @dataclass
 class CommStats:
-    """Payload bytes of this rank's collectives, by kind, and the number of collective calls."""
+    """Payload bytes of this rank's collectives, by kind, the number of calls and the host wall time in them.
+
+    ``seconds`` includes waiting for the slowest rank; with nccl it is launch time unless synchronised.
+    """
 
     all_gather_bytes: int = 0
     all_reduce_bytes: int = 0
     broadcast_bytes: int = 0
     calls: int = 0
+    seconds: float = 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -105,27 +110,34 @@ class Communicator:
         """(W·n, …) from each rank's (n, …) of equal shapes."""
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        started = time.perf_counter()
         dist.all_gather(parts, tensor, group=self.group)
+        self._count(started)
         result = torch.cat(parts)
         self.stats.all_gather_bytes += _nbytes(result)
-        self.stats.calls += 1
         return result
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """The sum of every rank's ``tensor`` (equal shapes), on every rank."""
         total = tensor.contiguous().clone()
+        started = time.perf_counter()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        self._count(started)
         self.stats.all_reduce_bytes += _nbytes(total)
-        self.stats.calls += 1
         return total
 
     def broadcast_from_first(self, tensor: Tensor) -> Tensor:
         """Rank 0's ``tensor`` on every rank (shapes and dtypes must agree across ranks)."""
         shared = tensor.contiguous().clone()
+        started = time.perf_counter()
         dist.broadcast(shared, src=self.first_rank, group=self.group)
+        self._count(started)
         self.stats.broadcast_bytes += _nbytes(shared)
-        self.stats.calls += 1
         return shared
+
+    def _count(self, started: float) -> None:
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - started
 
     @torch.no_grad()
     def broadcast_module_(self, module: nn.Module) -> None:

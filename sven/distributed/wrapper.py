@@ -69,6 +69,17 @@ class DistributedSvenWrapper(SvenWrapper):
         columns = super().draw_columns()
         return None if columns is None else self.comm.broadcast_from_first(columns)
 
+    def batch_losses(self, batch: tuple) -> Tensor:
+        """Per-sample losses (B_global,) of the global batch as the model is now, given this rank's shard.
+
+        Forward only, then two all-gathers (shard sizes, losses): every rank must call it,
+        as Sven's loss-driven searches (``damping="adaptive"``, ``variable_k``) do in lockstep,
+        so that all ranks accept or reject a try on the same global loss.
+        """
+        local = super().batch_losses(batch)
+        layout = self.comm.shard_layout(local.shape[0], failed=False)
+        return self.comm.all_gather_rows(local, layout.sizes)
+
     def loss_and_grad(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
         """Forward this rank's shard ``(x, y, *extra)`` and build the Jacobian of the global residuals.
 
