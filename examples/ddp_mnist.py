@@ -35,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--k", type=int, default=64, help="singular values kept at most (default 64)")
     parser.add_argument("--rtol", type=float, default=1e-3)
+    parser.add_argument("--engine", choices=("gram", "functorch"), default="gram",
+                        help="Jacobian engine: gram gathers layer factors, functorch gathers Jacobian rows")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and batch order (every rank)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     parser.add_argument("--log-every", type=int, default=50)
@@ -78,7 +80,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = task.build_model().to(device)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
-    wrapped = DistributedSvenWrapper(ddp_model, task.per_sample_loss, device=device, engine="gram")
+    wrapped = DistributedSvenWrapper(ddp_model, task.per_sample_loss, device=device, engine=args.engine)
     optimizer = Sven(wrapped, lr=args.lr, k=args.k, rtol=args.rtol)
     wrapped.comm.take_stats()
 
@@ -106,7 +108,7 @@ def main() -> None:
         warm = min(10, len(step_times) - 1)
         timed = torch.tensor(step_times[warm:])
         in_collectives = torch.tensor([stats.seconds for stats in step_stats[warm:]])
-        print(f"world size {world_size}, {torch.get_num_threads()} thread(s) per process, "
+        print(f"world size {world_size}, engine {args.engine}, {torch.get_num_threads()} thread(s) per process, "
               f"global batch {args.batch_size} ({rows.stop - rows.start} on rank 0)")
         print(f"step time after 10 warm-up steps: median {1e3 * timed.median():.2f} ms, "
               f"mean {1e3 * timed.mean():.2f} ms, of which in collectives (rank 0) median "
