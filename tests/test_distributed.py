@@ -104,6 +104,9 @@ SCENARIOS = {
         "mlp", (5, 5), dict(engine="gram"), dict(lr=0.5, k=10, svd_mode="randomized", oversampling=5)
     ),
     "adaptive_damping": Scenario("mlp", (6, 4), dict(engine="gram"), dict(lr=1.0, k=8, damping="adaptive")),
+    "rmsprop_momentum": Scenario(
+        "mlp", (6, 4), dict(engine="gram"), dict(lr=0.5, k=8, use_rmsprop=True, mu_rmsprop=0.5)
+    ),
     "variable_k": Scenario("mlp", (6, 4), dict(engine="gram"), dict(lr=1.0, k=8, variable_k=True)),
     "ddp_module": Scenario("mlp", (4, 6), dict(engine="gram"), dict(lr=0.5, k=8), ddp=True),
     "nonfinite_on_rank1": Scenario("mlp", (5, 5), dict(engine="gram"), dict(lr=0.5, k=8), nan_step=1),
