@@ -27,7 +27,11 @@ def _supported(layer: nn.Conv1d | nn.Conv2d) -> bool:
 
 @register_gram_rule(nn.Conv1d, nn.Conv2d, supports=_supported)
 def conv_blocks(layer: nn.Conv1d | nn.Conv2d, activations: Tensor, backprops: Tensor) -> list[GradientBlock]:
-    """Patches (B, L, C_in·∏kernel) against output gradients (B, L, C_out)."""
+    """Patches (B, L, C_in·∏kernel) against output gradients (B, L, C_out), made contiguous once.
+
+    The block reshapes both to (B·L, ·) in gram, weighted_sum and per_sample: contiguous
+    factors make those views instead of three copies each.
+    """
     batch = activations.shape[0]
     padding = _numeric_padding(layer)
     if isinstance(layer, nn.Conv1d):
@@ -40,6 +44,6 @@ def conv_blocks(layer: nn.Conv1d | nn.Conv2d, activations: Tensor, backprops: Te
         geometry = dict(
             kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride
         )
-    patches = F.unfold(activations, **geometry).transpose(1, 2)
-    out_grads = backprops.reshape(batch, layer.out_channels, -1).transpose(1, 2)
+    patches = F.unfold(activations, **geometry).transpose(1, 2).contiguous()
+    out_grads = backprops.reshape(batch, layer.out_channels, -1).transpose(1, 2).contiguous()
     return [OuterProductBlock(layer.weight, layer.bias, patches, out_grads)]
