@@ -31,6 +31,7 @@ from sven.jacobian import GramEngine, ParamSpace, functorch_jacobian
 WORLD_SIZE = 2
 STEPS = 3
 D_IN, WIDTH, D_OUT = 4, 6, 3
+VOCAB = 20
 TOLERANCE = 1e-10
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 """Ranks that disagree on the sequence of collectives fail after this instead of hanging."""
@@ -48,11 +49,27 @@ class ScaleShift(nn.Module):
         return x * self.weight + self.bias
 
 
+class PooledEmbedding(nn.Module):
+    """Tokens (B, T) → embedding (B, T, dim) → LayerNorm → Linear (B, T, d_out) → mean over T, (B, d_out)."""
+
+    def __init__(self, vocab: int, dim: int, d_out: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, d_out)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.linear(self.norm(self.embedding(tokens))).mean(dim=1)
+
+
 def build_model(kind: str) -> nn.Module:
-    """'mlp': 4 → 6 → 6 → 3 Tanh; 'custom': the same with a ScaleShift layer (fallback) after the first Linear."""
+    """'mlp': 4 → 6 → 6 → 3 Tanh; 'custom': the same with a ScaleShift layer (fallback) after the first Linear;
+    'embedding': PooledEmbedding over VOCAB tokens, output D_OUT."""
     mlp = make_mlp([D_IN, WIDTH, WIDTH, D_OUT], dtype=torch.float64, seed=0)
     if kind == "mlp":
         return mlp
+    if kind == "embedding":
+        return PooledEmbedding(VOCAB, 3, D_OUT).double()
     return nn.Sequential(mlp[0], ScaleShift(WIDTH), *mlp[1:])
 
 
@@ -83,6 +100,8 @@ class Scenario:
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         x, y = make_batch(self.batch_size, D_IN, D_OUT, seed=10 + step)
+        if self.model == "embedding":
+            x = (x.abs() * VOCAB).long() % VOCAB
         if step == self.nan_step:
             x[-1, 0] = float("nan")
         return x, y
@@ -108,6 +127,7 @@ SCENARIOS = {
         "mlp", (6, 4), dict(engine="gram"), dict(lr=0.5, k=8, use_rmsprop=True, mu_rmsprop=0.5)
     ),
     "variable_k": Scenario("mlp", (6, 4), dict(engine="gram"), dict(lr=1.0, k=8, variable_k=True)),
+    "embedding_microbatch": Scenario("embedding", (6, 4), dict(engine="gram", microbatch_size=2), dict(lr=0.5, k=8)),
     "ddp_module": Scenario("mlp", (4, 6), dict(engine="gram"), dict(lr=0.5, k=8), ddp=True),
     "nonfinite_on_rank1": Scenario("mlp", (5, 5), dict(engine="gram"), dict(lr=0.5, k=8), nan_step=1),
 }
@@ -242,19 +262,6 @@ def test_bytes_per_step_follow_the_formula(ranks: list[dict]) -> None:
             assert stats.all_reduce_bytes == 8 * parameters
             assert stats.broadcast_bytes == 8 * batch
             assert stats.total_bytes == expected
-
-
-class PooledEmbedding(nn.Module):
-    """Tokens (B, T) → embedding (B, T, dim) → LayerNorm → Linear (B, T, 2) → mean over T, (B, 2)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.linear = nn.Linear(dim, 2)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.linear(self.norm(self.embedding(tokens))).mean(dim=1)
 
 
 def two_shard_gather(shard_b: object) -> Callable[[Tensor], Tensor]:

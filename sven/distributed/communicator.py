@@ -8,6 +8,7 @@ wire traffic of ring algorithms.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -93,18 +94,31 @@ class Communicator:
         return ShardLayout(tuple(int(s) for s in table[:, 0]), self.rank, failed_ranks)
 
     def all_gather_rows(self, tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
-        """Rank r's ``tensor`` (sizes[r], *rest) → all of them concatenated along dim 0, (Σ sizes, *rest).
+        """Rank r's ``tensor`` (sizes[r], *rest) → all of them concatenated along dim 0, (Σ sizes, *rest)."""
+        return self.all_gather_rows_many([tensor], sizes)[0]
 
-        Every rank pads its rows to max(sizes) for the collective and the padding is dropped after.
+    def all_gather_rows_many(self, tensors: list[Tensor], sizes: tuple[int, ...]) -> list[Tensor]:
+        """``all_gather_rows`` for several tensors (each (sizes[r], *rest)) with one all-gather per dtype.
+
+        Each rank packs its tensors side by side as (sizes[r], columns), pads the rows to
+        max(sizes) for the collective; the padding is dropped and the tensors unpacked after.
         """
-        if tensor.shape[0] != sizes[self.rank]:
-            raise ValueError(
-                f"rank {self.rank} holds {tensor.shape[0]} rows; the shard layout says {sizes[self.rank]}"
-            )
-        padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])
-        padded[: tensor.shape[0]] = tensor
-        gathered = self._all_gather(padded).view(self.world_size, *padded.shape)
-        return torch.cat([gathered[r, :size] for r, size in enumerate(sizes)])
+        for tensor in tensors:
+            if tensor.shape[0] != sizes[self.rank]:
+                raise ValueError(
+                    f"rank {self.rank} holds {tensor.shape[0]} rows; the shard layout says {sizes[self.rank]}"
+                )
+        gathered: list[Tensor | None] = [None] * len(tensors)
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            positions = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            columns = [tensors[i].reshape(sizes[self.rank], math.prod(tensors[i].shape[1:])) for i in positions]
+            padded = columns[0].new_zeros(max(sizes), sum(c.shape[1] for c in columns))
+            padded[: sizes[self.rank]] = torch.cat(columns, dim=1)
+            ranks = self._all_gather(padded).view(self.world_size, *padded.shape)
+            packed = torch.cat([ranks[r, :size] for r, size in enumerate(sizes)])
+            for i, part in zip(positions, packed.split([c.shape[1] for c in columns], dim=1)):
+                gathered[i] = part.reshape(packed.shape[0], *tensors[i].shape[1:])
+        return gathered
 
     def _all_gather(self, tensor: Tensor) -> Tensor:
         """(W·n, …) from each rank's (n, …) of equal shapes."""

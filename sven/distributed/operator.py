@@ -27,6 +27,12 @@ def gathered_operator(local: JacobianOperator, gather: RowGather, total_rows: in
     raise TypeError(f"distributed Sven gathers a GramJacobian or a DenseJacobian; got {type(local).__name__}")
 
 
+def _record(requested: list[Tensor], tensor: Tensor) -> Tensor:
+    """A stand-in gather for the recording pass: note the tensor, hand it back unchanged."""
+    requested.append(tensor)
+    return tensor
+
+
 class DistributedJacobian(JacobianOperator):
     """M over the global batch, shape (B_global, n), whose rows are spread over the ranks.
 
@@ -52,10 +58,16 @@ class DistributedJacobian(JacobianOperator):
         self._replica: JacobianOperator | None = None
 
     def replica(self) -> JacobianOperator:
-        """M over the global batch on this rank (gathered once, then kept)."""
+        """M over the global batch on this rank (gathered once, then kept).
+
+        A first pass records the tensors the blocks ask to gather (in call order); they
+        travel together, one all-gather per dtype; a second pass builds the blocks from them.
+        """
         if self._replica is None:
-            gather = partial(self.comm.all_gather_rows, sizes=self.layout.sizes)
-            self._replica = gathered_operator(self.local, gather, self.layout.total)
+            requested: list[Tensor] = []
+            gathered_operator(self.local, partial(_record, requested), self.layout.total)
+            gathered = iter(self.comm.all_gather_rows_many(requested, self.layout.sizes))
+            self._replica = gathered_operator(self.local, lambda _: next(gathered), self.layout.total)
         return self._replica
 
     @property
