@@ -140,6 +140,8 @@ CASES = {
     "conv2d": ModelCase(lambda: nn.Conv2d(2, 3, 3, dilation=2, padding="same"), _normal(2, 6, 6), (3, 6, 6)),
     "group_norm": ModelCase(lambda: nn.GroupNorm(2, 4), _normal(4, 3, 3), (4, 3, 3)),
     "layer_norm": ModelCase(lambda: nn.LayerNorm(4), _normal(3, 4), (3, 4)),
+    "layer_norm_flat": ModelCase(lambda: nn.LayerNorm(4), _normal(4), (4,)),
+    "group_norm_flat": ModelCase(lambda: nn.GroupNorm(2, 4), _normal(4), (4,)),
     "embedding": ModelCase(lambda: nn.Embedding(7, 3, padding_idx=0), _tokens, (6, 3)),
     "cnn": ModelCase(
         lambda: nn.Sequential(

@@ -12,13 +12,15 @@ from sven.jacobian.layers.registry import register_gram_rule
 def _affine_blocks(
     layer: nn.Module, normalised: Tensor, backprops: Tensor, reduce_dims: tuple[int, ...]
 ) -> list[GradientBlock]:
+    """Per-sample gradients summed over ``reduce_dims`` (none for inputs without extra dims, e.g. (B, d))."""
+    per_sample = lambda t: t.sum(dim=reduce_dims) if reduce_dims else t  # noqa: E731
     params, grads = [], []
     if layer.weight is not None:
         params.append(layer.weight)
-        grads.append((backprops * normalised).sum(dim=reduce_dims))
+        grads.append(per_sample(backprops * normalised))
     if layer.bias is not None:
         params.append(layer.bias)
-        grads.append(backprops.sum(dim=reduce_dims))
+        grads.append(per_sample(backprops))
     return [MaterializedBlock(tuple(params), grads)]
 
 
