@@ -12,6 +12,8 @@ Methods (each on its own copy of the same model, random data, no download):
 Steps of all methods are interleaved round-robin, so a load change on the shared machine
 hits every method alike; the ratios Sven/SGD and torch_path/Sven use medians of one run
 (also given from the fastest step of each method, and with the 1-min load average).
+On a shared machine, 2 threads can wait on each other at every parallel region while a
+third process holds a core; ``--threads 1`` measures the same work without those waits.
 Peak memory: what 3 steps add at their peak to what was allocated before them (model, data,
 optimizer state after one step): CUDA — torch.cuda.max_memory_allocated; CPU — glibc's
 in-use heap bytes (mallinfo2: arena + mmapped blocks) sampled after every aten op by a
@@ -324,10 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method (median of these)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is robust to other processes' load")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/step_cost_<device>.json)")
     args = parser.parse_args(argv)
     if args.steps < 20:
         parser.error(f"--steps must be >= 20 (medians of at least 20 steps); got {args.steps}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = args.out or RESULTS / f"step_cost_{device.type}.json"
     rows = run(device, args.steps, args.warmup, out)
