@@ -8,7 +8,8 @@ ALL=sven,sven-damped,adam,sgd,rmsprop,lbfgs,polyak,lm
 for task in toy1d poly; do
   $PY -m sven.bench $task --optimizers $ALL --grid --grid-epochs 2 --epochs 20 --seeds 3 --out $OUT --no-progress
 done
-$PY -m sven.bench mnist-regression --optimizers $ALL --epochs 10 --seeds 2 --out $OUT --no-progress
+# lm (torch-levenberg-marquardt) is left out on MNIST: its step is far too slow on CPU for this budget.
+$PY -m sven.bench mnist-regression --optimizers ${ALL%,lm} --epochs 5 --seeds 2 --out $OUT --no-progress
 for study in k rtol; do
   $PY -m sven.bench mnist-regression --study $study --epochs 3 --out $OUT --no-progress
 done
