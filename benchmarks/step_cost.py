@@ -13,7 +13,8 @@ Steps of all methods are interleaved round-robin, so a load change on the shared
 hits every method alike; the ratios Sven/SGD and torch_path/Sven use medians of one run
 (also given from the fastest step of each method, and with the 1-min load average).
 On a shared machine, 2 threads can wait on each other at every parallel region while a
-third process holds a core; ``--threads 1`` measures the same work without those waits.
+third process holds a core; ``--threads 1 --clock cpu`` measures the same work by the
+process's CPU time, which other processes' load does not inflate.
 Peak memory: what 3 steps add at their peak to what was allocated before them (model, data,
 optimizer state after one step): CUDA — torch.cuda.max_memory_allocated; CPU — glibc's
 in-use heap bytes (mallinfo2: arena + mmapped blocks) sampled after every aten op by a
@@ -145,13 +146,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def timed(step: Callable[[], None], device: torch.device) -> float:
-    """Seconds one call of ``step`` takes (device work included)."""
+    """Seconds one call of ``step`` takes on ``clock`` (device work included)."""
     synchronize(device)
-    started = time.perf_counter()
+    started = clock()
     step()
     synchronize(device)
-    return time.perf_counter() - started
+    return clock() - started
 
 
 def methods_for(config: Config) -> list[str]:
@@ -314,7 +319,8 @@ def run(device: torch.device, steps: int, warmup: int, out: Path) -> list[dict[s
             "peak_memory_mb": {m: peak_memory_mb(m, config, device) for m in timings if "skipped" not in timings[m]},
         })
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    payload = {"environment": environment(device), "steps": steps, "warmup": warmup, "rtol": RTOL,
+    payload = {"environment": environment(device), "clock": clock.__name__, "steps": steps, "warmup": warmup,
+               "rtol": RTOL,
                "memory_method": "cuda max_memory_allocated" if device.type == "cuda"
                else "peak of glibc in-use heap bytes (mallinfo2) sampled after every aten op", "rows": rows}
     write_json(out, payload)
@@ -328,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is robust to other processes' load")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: the process's CPU time (with --threads 1, the time the "
+                             "step would take on an idle core; CPU only)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/step_cost_<device>.json)")
     args = parser.parse_args(argv)
     if args.steps < 20:
@@ -335,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu measures CPU work; use the wall clock on a GPU")
+    global clock
+    clock = CLOCKS[args.clock]
     out = args.out or RESULTS / f"step_cost_{device.type}.json"
     rows = run(device, args.steps, args.warmup, out)
     print()
