@@ -20,4 +20,5 @@ for task in toy1d poly; do
   done
 done
 $PY -m sven.bench mnist-ce --optimizers sven,sven-damped,adam,sgd,rmsprop,lbfgs,polyak --epochs 5 --out $OUT --no-progress
+$PY -m sven.bench digits-ce --optimizers sven,sven-damped,adam --grid --grid-epochs 2 --epochs 10 --seeds 3 --out $OUT --no-progress
 $PY -m sven.bench report --results $OUT --figures docs/figures --page docs/RESULTS.md

@@ -72,7 +72,7 @@ def _claim_lines(payloads: list[dict[str, Any]]) -> list[str]:
             verdict = "**reproduced**" if ratio <= claim["max_ratio"] else "**not reproduced**"
             lines.append(
                 f"  - `{name}` over {len(groups[name])} seed(s): {sven_mean:.2e} ± {sven_std:.1e} against Adam "
-                f"{adam_mean:.2e} ± {adam_std:.1e}, ratio {name}/Adam {ratio:.2f} → {verdict} "
+                f"{adam_mean:.2e} ± {adam_std:.1e}, ratio {name}/Adam {ratio:.2g} → {verdict} "
                 f"(per seed: {name} {_per_seed(groups[name])}; Adam {_per_seed(groups['adam'])})."
             )
     return lines + [""]

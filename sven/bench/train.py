@@ -31,7 +31,7 @@ def train(task: Task, optimizer: str, settings: dict[str, Any], seed: int, epoch
     initial model: train_loss and val_loss (full-set means after the epoch),
     val_accuracy (None without classes), epoch_time (seconds spent in optimizer
     steps, evaluation excluded), wall_time (their running sum) and, with
-    ``record_spectrum``, the singular values Sven kept at the last step of each epoch.
+    ``record_spectrum``, the singular values Sven kept at the last full-size batch of each epoch.
     """
     device = torch.device(device)
     task = task.to(device)
@@ -64,17 +64,20 @@ def train(task: Task, optimizer: str, settings: dict[str, Any], seed: int, epoch
         for epoch in range(1, epochs + 1):
             order = torch.randperm(samples, generator=shuffler).to(device)
             started = time.perf_counter()
+            spectrum = None
             for begin in range(0, samples, task.batch_size):
                 batch = order[begin:begin + task.batch_size]
                 if not math.isfinite(stepper.step(x_train[batch], y_train[batch])):
                     diverged = True
                     break
+                if record_spectrum and batch.numel() == task.batch_size:
+                    spectrum = stepper.singular_values()
                 bar.update(1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             record(epoch, time.perf_counter() - started)
             if record_spectrum:
-                history["singular_values"].append(stepper.singular_values())
+                history["singular_values"].append(spectrum)
             diverged = diverged or not math.isfinite(history["val_loss"][-1])
             bar.set_postfix(val_loss=f"{history['val_loss'][-1]:.3g}")
             if diverged:
