@@ -141,7 +141,7 @@ def test_studies_write_json_png_and_the_report_links_them(study: str, tmp_path: 
     main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
           "--page", str(tmp_path / "RESULTS.md")])
     page = (tmp_path / "RESULTS.md").read_text()
-    assert f"![{task} {study}](figures/{task}-{study}.png)" in page
+    assert f"![{task}-{study}](figures/{task}-{study}.png)" in page
     assert (tmp_path / "figures" / f"{task}-{study}.png").is_file()
     assert payload["command"] in page
     first = payload["runs"][0]
@@ -163,6 +163,28 @@ def test_report_compares_with_the_paper_from_the_json(tmp_path: Path) -> None:
     assert f"ratio sven/Adam {ratio:.2g}" in page
     assert ("**reproduced**" if ratio <= 0.5 else "**not reproduced**") in page
     assert "**mnist-regression** — claim" in page and "Not run here" in page
+
+
+def test_set_overrides_defaults_in_its_own_file_and_the_claims_count_it(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    run_cli("toy1d", "--optimizers", "sven,adam", "--epochs", "1", "--subset", "64", "--out", str(results))
+    run_cli("toy1d", "--optimizers", "sven", "--set", "lr=0.05", "--set", "rtol=0.01", "--epochs", "1",
+            "--subset", "64", "--out", str(results))
+    payload = read_json(results / "toy1d-compare-lr=0.05-rtol=0.01.json")
+    assert payload["runs"][0]["settings"] == {"lr": 0.05, "k": 32, "rtol": 0.01}
+    assert payload["runs"][0]["label"] == "sven lr=0.05 rtol=0.01"
+    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
+          "--page", str(tmp_path / "RESULTS.md")])
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "  - `sven` over 1 seed(s)" in page and "  - `sven lr=0.05 rtol=0.01` over 1 seed(s)" in page
+    assert (tmp_path / "figures" / "toy1d-compare-lr=0.05-rtol=0.01.png").is_file()
+
+
+def test_set_is_refused_with_grid_or_another_study(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="overrides apply to a compare run without --grid; got study 'k'"):
+        run_cli("toy1d", "--study", "k", "--set", "lr=0.5", "--out", str(tmp_path))
+    with pytest.raises(SystemExit, match="with --grid"):
+        run_cli("toy1d", "--grid", "--set", "lr=0.5", "--out", str(tmp_path))
 
 
 def test_report_without_results_says_where_it_looked(tmp_path: Path) -> None:

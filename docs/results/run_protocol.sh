@@ -10,6 +10,8 @@ for task in toy1d poly; do
 done
 # lm (torch-levenberg-marquardt) is left out on MNIST: its step is far too slow on CPU for this budget.
 $PY -m sven.bench mnist-regression --optimizers ${ALL%,lm} --epochs 5 --seeds 2 --out $OUT --no-progress
+# the exact Sven step with a larger learning rate (no grid search on MNIST: one override instead)
+$PY -m sven.bench mnist-regression --optimizers sven --set lr=0.5 --epochs 5 --seeds 2 --out $OUT --no-progress
 for study in k rtol; do
   $PY -m sven.bench mnist-regression --study $study --epochs 3 --out $OUT --no-progress
 done

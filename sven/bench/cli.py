@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,7 +15,7 @@ from sven.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZER_NAMES
 from sven.bench.plots import plot_study
 from sven.bench.report import write_report
 from sven.bench.results import command_line, environment, write_json
-from sven.bench.studies import STUDIES, StudyOptions, result_stem, run_study
+from sven.bench.studies import STUDIES, StudyOptions, result_name, run_study
 from sven.bench.tables import summary_table, text_table
 from sven.bench.tasks import TASK_BUILDERS
 
@@ -27,6 +29,16 @@ def _optimizer_list(text: str) -> list[str]:
             f"{','.join(OPTIMIZER_NAMES)}"
         )
     return names
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. lr=0.5); got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _positive(text: str) -> int:
@@ -54,6 +66,9 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", action="store_true", help="grid-search each optimizer (seed 0, final val loss)")
     parser.add_argument("--grid-epochs", type=_positive, default=None,
                         help="epochs of each grid-search run (default: --epochs)")
+    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a default setting of every optimizer of a compare run (repeatable); the "
+                             "results go to TASK-compare-KEY=VALUE.json")
     parser.add_argument("--subset", type=_positive, default=None,
                         help="keep only the first N train and N validation samples")
     parser.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX .gz files")
@@ -82,18 +97,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     torch.set_num_threads(args.threads)
     options = StudyOptions(optimizers=args.optimizers, epochs=args.epochs, seeds=args.seeds, grid=args.grid,
                            grid_epochs=args.grid_epochs, subset=args.subset, device=args.device,
-                           data_dir=args.data_dir, progress=not args.no_progress)
+                           data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides))
     started = time.perf_counter()
     payload = run_study(args.study, args.task, options)
-    payload.update(command=command_line(argv), environment=environment(args.device),
+    name = result_name(args.task, args.study, options.overrides)
+    payload.update(name=name, command=command_line(argv), environment=environment(args.device),
                    total_seconds=time.perf_counter() - started)
-    stem = result_stem(args.out, args.task, args.study)
-    write_json(stem.with_suffix(".json"), payload)
-    figure = plot_study(payload, stem.with_suffix(".png"))
+    json_path = args.out / f"{name}.json"
+    write_json(json_path, payload)
+    figure = plot_study(payload, args.out / f"{name}.png")
     if payload["runs"]:
         print(text_table(*summary_table(payload)))
-    print(f"wrote {stem.with_suffix('.json')}" + (f" and {figure}" if figure else ""))
-    return stem.with_suffix(".json")
+    print(f"wrote {json_path}" + (f" and {figure}" if figure else ""))
+    return json_path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,5 +121,5 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         run(study_parser().parse_args(argv), argv)
-    except FileNotFoundError as missing:
-        raise SystemExit(f"error: {missing}") from missing
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error

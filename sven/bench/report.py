@@ -35,7 +35,7 @@ def load_payloads(results: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no *.json results in {results.resolve()}; run `python -m sven.bench TASK --out "
                                 f"{results}` first")
     tasks, studies = list(TASK_BUILDERS), list(STUDIES)
-    return sorted(payloads, key=lambda p: (tasks.index(p["task"]), studies.index(p["study"])))
+    return sorted(payloads, key=lambda p: (tasks.index(p["task"]), studies.index(p["study"]), p["name"]))
 
 
 def _machine_section(payloads: list[dict[str, Any]]) -> list[str]:
@@ -56,24 +56,26 @@ def _per_seed(runs: list[dict[str, Any]]) -> str:
 def _claim_lines(payloads: list[dict[str, Any]]) -> list[str]:
     lines = ["## The paper's claims", "",
              "`sven` is the paper's exact step; `sven-damped` adds adaptive Levenberg–Marquardt damping "
-             "(not in the paper).", ""]
+             "(not in the paper). Every compare run of the task counts, each under its label.", ""]
     for task, claim in PAPER_CLAIMS.items():
-        compare = next((p for p in payloads if p["task"] == task and p["study"] == "compare"), None)
-        groups = group_runs(compare["runs"]) if compare else {}
-        variants = [name for name in SVEN_VARIANTS if name in groups]
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for payload in payloads:
+            if payload["task"] == task and payload["study"] == "compare":
+                groups.update(group_runs(payload["runs"]))
+        variants = [label for label, runs in groups.items() if runs[0]["optimizer"] in SVEN_VARIANTS]
         if not variants or "adam" not in groups:
             lines.append(f"- **{task}** — claim: {claim['text']}. Not run here (no compare result with Sven and Adam).")
             continue
         lines.append(f"- **{task}** — claim: {claim['text']}. Rule: {claim['rule']}.")
         adam_mean, adam_std = mean_std([final(run) for run in groups["adam"]])
-        for name in variants:
-            sven_mean, sven_std = mean_std([final(run) for run in groups[name]])
+        for label in variants:
+            sven_mean, sven_std = mean_std([final(run) for run in groups[label]])
             ratio = sven_mean / adam_mean
             verdict = "**reproduced**" if ratio <= claim["max_ratio"] else "**not reproduced**"
             lines.append(
-                f"  - `{name}` over {len(groups[name])} seed(s): {sven_mean:.2e} ± {sven_std:.1e} against Adam "
-                f"{adam_mean:.2e} ± {adam_std:.1e}, ratio {name}/Adam {ratio:.2g} → {verdict} "
-                f"(per seed: {name} {_per_seed(groups[name])}; Adam {_per_seed(groups['adam'])})."
+                f"  - `{label}` over {len(groups[label])} seed(s): {sven_mean:.2e} ± {sven_std:.1e} against Adam "
+                f"{adam_mean:.2e} ± {adam_std:.1e}, ratio {label}/Adam {ratio:.2g} → {verdict} "
+                f"(per seed: {label} {_per_seed(groups[label])}; Adam {_per_seed(groups['adam'])})."
             )
     return lines + [""]
 
@@ -108,7 +110,7 @@ def _grid_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def _study_section(payload: dict[str, Any], figures: Path, page: Path) -> list[str]:
-    lines = [f"### {payload['task']} — {payload['study']}", "", f"Command: `{payload['command']}`", "",
+    lines = [f"### {payload['name']}", "", f"Command: `{payload['command']}`", "",
              f"Protocol: {_options_text(payload)}.", ""]
     for optimizer, reason in (payload.get("skipped") or {}).items():
         lines += [f"Skipped {optimizer}: {reason}", ""]
@@ -116,10 +118,9 @@ def _study_section(payload: dict[str, Any], figures: Path, page: Path) -> list[s
         return lines + ["No run completed.", ""]
     lines += [markdown_table(*summary_table(payload)), ""]
     lines += _grid_lines(payload)
-    figure = plot_study(payload, figures / f"{payload['task']}-{payload['study']}.png")
+    figure = plot_study(payload, figures / f"{payload['name']}.png")
     if figure:
-        lines += [f"![{payload['task']} {payload['study']}]({Path(os.path.relpath(figure, page.parent)).as_posix()})",
-                  ""]
+        lines += [f"![{payload['name']}]({Path(os.path.relpath(figure, page.parent)).as_posix()})", ""]
     return lines
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -28,7 +27,8 @@ LOSS_SIBLINGS = {"mnist-regression": "mnist-ce", "mnist-ce": "mnist-regression",
 @dataclass
 class StudyOptions:
     """What the command line chose: optimizers, epochs (None: the task's), seeds, grid search and its epochs,
-    a train/validation subset size (None: all), the device, the MNIST folder and whether to show progress bars."""
+    a train/validation subset size (None: all), the device, the MNIST folder, whether to show progress bars,
+    and settings that override the defaults of every optimizer of a compare run."""
 
     optimizers: list[str] = field(default_factory=lambda: ["sven", "adam"])
     epochs: int | None = None
@@ -39,6 +39,7 @@ class StudyOptions:
     device: str = "cpu"
     data_dir: str | None = None
     progress: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def epochs_for(self, task: Task) -> int:
         return self.epochs if self.epochs is not None else task.epochs
@@ -75,11 +76,11 @@ def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
             if options.grid:
                 settings, searches[optimizer] = grid_search(task, optimizer, options)
             else:
-                settings = default_settings(optimizer, task.loss_kind, task.batch_size)
+                settings = {**default_settings(optimizer, task.loss_kind, task.batch_size), **options.overrides}
             for seed in range(options.seeds):
                 run = train(task, optimizer, settings, seed, options.epochs_for(task), options.device,
                             progress=options.progress)
-                runs.append(_labelled(run, optimizer))
+                runs.append(_labelled(run, " ".join([optimizer, *override_words(options.overrides)])))
         except OptimizerUnavailable as reason:
             skipped[optimizer] = str(reason)
             print(f"skipping {optimizer}: {reason}")
@@ -137,11 +138,19 @@ def run_study(study: str, task_name: str, options: StudyOptions) -> dict[str, An
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
     task = load_task(task_name, options)
+    if options.overrides and (study != "compare" or options.grid):
+        raise ValueError(f"setting overrides apply to a compare run without --grid; got study {study!r}"
+                         f"{' with --grid' if options.grid else ''}")
     payload = {"study": study, "task": task_name, "options": asdict(options)}
     payload.update(STUDIES[study](task, options))
     return payload
 
 
-def result_stem(out: Path, task_name: str, study: str) -> Path:
-    """``OUT/TASK-STUDY`` (add .json / .png)."""
-    return out / f"{task_name}-{study}"
+def override_words(overrides: dict[str, Any]) -> list[str]:
+    """["lr=0.5", …] for the overridden settings, in the order given."""
+    return [f"{key}={value}" for key, value in overrides.items()]
+
+
+def result_name(task_name: str, study: str, overrides: dict[str, Any] | None = None) -> str:
+    """``TASK-STUDY``, or ``TASK-STUDY-KEY=VALUE…`` with overridden settings: the results' file name (no suffix)."""
+    return "-".join([task_name, study, *override_words(overrides or {})])
