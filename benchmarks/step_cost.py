@@ -166,13 +166,14 @@ def methods_for(config: Config) -> list[str]:
 def predicted_torch_path_step_s(config: Config, device: torch.device) -> float:
     """Seconds of one reference-path step, predicted from the fastest of 4 SVDs of a (64 × 16384) float64 matrix.
 
-    A thin SVD of (B × P) costs ∝ B²·P; the per-sample Jacobian adds less than that on CPU.
+    A thin SVD of (B × P) costs ∝ B²·P and dominates the step; the first step, timed, then
+    sets how many steps fit in the minute.
     """
     probe_rows, probe_cols = 64, 16384
     matrix = torch.randn(probe_rows, probe_cols, dtype=torch.float64, device=device)
     seconds = min(timed(lambda: torch.linalg.svd(matrix, full_matrices=False), device) for _ in range(4))
     params = sum(p.numel() for p in make_model(config, torch.device("cpu")).parameters())
-    return 2.0 * seconds * (config.batch_size / probe_rows) ** 2 * (params / probe_cols)
+    return seconds * (config.batch_size / probe_rows) ** 2 * (params / probe_cols)
 
 
 def time_methods(config: Config, device: torch.device, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
