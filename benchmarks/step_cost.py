@@ -9,8 +9,9 @@ Methods (each on its own copy of the same model, random data, no download):
   sven_k64    the same with k = 64 < B: the top-64 eigenpairs need eigh (B > 64 only)
   torch_path  SvenWrapper(engine="functorch") + Sven(svd_mode="torch", k=B): J (B × P) and its full SVD;
               skipped where its steps would take over a minute, else as many steps (≥ 3) as fit in one
-Steps of all methods are interleaved round-robin, so a load change on the shared machine
-hits every method alike; the ratios Sven/SGD and torch_path/Sven use medians of one run
+Steps of SGD and Sven are interleaved round-robin, so a load change on the shared machine
+hits every method alike (the reference path runs after them: its seconds-long steps would
+chill the caches of the steps that follow); the ratios Sven/SGD and torch_path/Sven use medians of one run
 (also given from the fastest step of each method, and with the 1-min load average).
 On a shared machine, 2 threads can wait on each other at every parallel region while a
 third process holds a core; ``--threads 1 --clock cpu`` measures the same work by the
@@ -176,30 +177,35 @@ def predicted_torch_path_step_s(config: Config, device: torch.device) -> float:
     return seconds * (config.batch_size / probe_rows) ** 2 * (params / probe_cols)
 
 
+def summary(times: list[float]) -> dict[str, Any]:
+    """Median, fastest and slowest step (ms) and the number of steps."""
+    return {"median_ms": 1e3 * statistics.median(times), "steps": len(times),
+            "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)}
+
+
 def time_methods(config: Config, device: torch.device, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
-    """Median step time (s) per method, steps interleaved round-robin after ``warmup`` steps each."""
-    results: dict[str, dict[str, Any]] = {}
-    steppers: dict[str, Callable[[], None]] = {}
-    wanted: dict[str, int] = {}
-    for method in methods_for(config):
-        if method == "torch_path":
-            predicted = predicted_torch_path_step_s(config, device)
-            if predicted * (1 + MIN_TORCH_PATH_STEPS) > TORCH_PATH_BUDGET_S:
-                results[method] = {"skipped": f"predicted {predicted:.0f} s per step (> 1 min for the steps)"}
-                continue
-        steppers[method] = make_stepper(method, config, device)
-        first = [timed(steppers[method], device) for _ in range(1 if method == "torch_path" else warmup)]
-        wanted[method] = steps
-        if method == "torch_path":
-            wanted[method] = max(MIN_TORCH_PATH_STEPS, min(steps, int(TORCH_PATH_BUDGET_S / first[-1]) - 1))
-    samples: dict[str, list[float]] = {m: [] for m in steppers}
-    for round_index in range(steps):
-        for method, step in steppers.items():
-            if round_index < wanted[method]:
-                samples[method].append(timed(step, device))
-    for method, times in samples.items():
-        results[method] = {"median_ms": 1e3 * statistics.median(times), "steps": len(times),
-                           "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)}
+    """Step times per method: the fast methods interleaved round-robin, then the reference path.
+
+    The reference path runs after them, not between their steps: its seconds-long, memory-heavy
+    steps would leave every following fast step with cold caches.
+    """
+    fast = {m: make_stepper(m, config, device) for m in methods_for(config) if m != "torch_path"}
+    for step in fast.values():
+        for _ in range(warmup):
+            timed(step, device)
+    samples: dict[str, list[float]] = {m: [] for m in fast}
+    for _ in range(steps):
+        for method, step in fast.items():
+            samples[method].append(timed(step, device))
+    results = {method: summary(times) for method, times in samples.items()}
+    predicted = predicted_torch_path_step_s(config, device)
+    if predicted * (1 + MIN_TORCH_PATH_STEPS) > TORCH_PATH_BUDGET_S:
+        results["torch_path"] = {"skipped": f"predicted {predicted:.0f} s per step (> 1 min for the steps)"}
+        return results
+    reference = make_stepper("torch_path", config, device)
+    first = timed(reference, device)
+    wanted = max(MIN_TORCH_PATH_STEPS, min(steps, int(TORCH_PATH_BUDGET_S / first) - 1))
+    results["torch_path"] = summary([timed(reference, device) for _ in range(wanted)])
     return results
 
 
