@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from sven.bench.cli import main
-from sven.bench.grids import HYPERPARAMETERS, default_settings, grid_settings, sweep_values
+from sven.bench.grids import FIXED_DAMPING, HYPERPARAMETERS, LM_STUDY, default_settings, grid_settings, sweep_values
 from sven.bench.mnist import MNIST_FILES
-from sven.bench.optimizers import OPTIMIZER_NAMES
+from sven.bench.optimizers import OPTIMIZER_NAMES, SvenStepper, make_stepper
 from sven.bench.results import read_json
 from sven.bench.tasks import DEFAULT_MNIST_DIR, TASK_BUILDERS, build_task, monomial_exponents, poly, toy1d, toy1d_target
 from sven.bench.train import train
+from sven.bench.verdict import BAR_TEXT
 
 HAS_MNIST = all((DEFAULT_MNIST_DIR / name).is_file() for name in MNIST_FILES.values())
 TASKS = [name for name in TASK_BUILDERS if HAS_MNIST or not name.startswith("mnist")]
@@ -190,3 +191,74 @@ def test_set_is_refused_with_grid_or_another_study(tmp_path: Path) -> None:
 def test_report_without_results_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no \\*.json results in"):
         main(["report", "--results", str(tmp_path), "--page", str(tmp_path / "R.md")])
+
+
+def test_sven_variants_route_kappa_to_the_wrapper_and_damping_to_the_optimizer() -> None:
+    task = build_task("toy1d").subset(64)
+    expected = {"sven": (2.0, 0.0), "sven-gn": (1.0, 0.0), "sven-gn-fixed": (1.0, FIXED_DAMPING[1]),
+                "sven-damped": (2.0, "adaptive"), "sven-gn-damped": (1.0, "adaptive")}
+    for name, (kappa, damping) in expected.items():
+        stepper = make_stepper(name, task.build_model(), task, torch.device("cpu"),
+                               default_settings(name, "regression", 32))
+        assert isinstance(stepper, SvenStepper)
+        assert stepper.wrapped.kappa == kappa and stepper.optimizer.defaults["damping"] == damping, name
+
+
+def test_lm_study_runs_every_entry_on_the_same_seed_data_and_records_the_load(tmp_path: Path) -> None:
+    run_cli("toy1d", "--study", "lm", "--epochs", "1", "--subset", "64", "--out", str(tmp_path))
+    payload = read_json(tmp_path / "toy1d-lm.json")
+    labels = [" ".join([name, *(f"{key}={value}" for key, value in overrides.items())]) for name, overrides in LM_STUDY]
+    assert list(dict.fromkeys(run["label"] for run in payload["runs"])) + list(payload["skipped"]) == labels
+    for run in payload["runs"]:
+        assert run["history"]["epoch"] == [0, 1] and run["epochs"] == 1
+    assert len({run["history"]["val_loss"][0] for run in payload["runs"]}) == 1
+    assert all(len(payload["load_average"][key]) == 3 for key in ("start", "end"))
+    assert (tmp_path / "toy1d-lm.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def synthetic_run(label: str, optimizer: str, plateau: float, last: float, seconds: float) -> dict[str, object]:
+    """A 12-epoch run whose last 10 validation losses are 5 × ``plateau`` then 5 × ``last``."""
+    val_loss = [1.0, 1.0, 1.0, *[plateau] * 5, *[last] * 5]
+    return {"label": label, "optimizer": optimizer, "settings": {}, "seed": 0, "epochs": 12, "batch_size": 32,
+            "train_size": 64, "val_size": 64, "diverged": False,
+            "history": {"epoch": list(range(13)), "train_loss": val_loss, "val_loss": val_loss,
+                        "val_accuracy": [None] * 13, "epoch_time": [0.0, *[seconds] * 12],
+                        "wall_time": [seconds * epoch for epoch in range(13)]}}
+
+
+def synthetic_lm_payload(sven_seconds: float) -> dict[str, object]:
+    runs = [synthetic_run("sven-gn-damped", "sven-gn-damped", 3e-7, 1e-7, sven_seconds),
+            synthetic_run("sven-gn-damped", "sven-gn-damped", 5e-7, 3e-7, sven_seconds),
+            synthetic_run("sven", "sven", 1e-6, 1e-6, 0.5),
+            synthetic_run("lm", "lm", 4e-7, 2e-7, 0.9),
+            synthetic_run("lm", "lm", 4e-7, 4e-7, 0.9),
+            synthetic_run("adam lr=0.001", "adam", 1e-5, 1e-5, 0.3)]
+    return {"study": "lm", "task": "toy1d", "name": "toy1d-lm", "command": "python -m sven.bench toy1d --study lm",
+            "options": {"epochs": 12, "seeds": 2, "grid": False, "grid_epochs": None},
+            "environment": {"cpu": "test"}, "total_seconds": 1.0, "skipped": {}, "runs": runs,
+            "lm_reference": "lm", "time_reference": "adam lr=0.001",
+            "load_average": {"start": [1.5, 1.25, 1.0], "end": [2.0, 1.5, 1.0]}}
+
+
+@pytest.mark.parametrize("sven_seconds", [0.4, 0.6])
+def test_report_renders_the_lm_table_and_the_computed_bar(sven_seconds: float, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "toy1d-lm.json").write_text(json.dumps(synthetic_lm_payload(sven_seconds)))
+    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
+          "--page", str(tmp_path / "RESULTS.md")])
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "| sven-gn-damped |  | 2.000e-07 ± 1.4e-07 | 3.000e-07 ± 1.4e-07 | " in page
+    assert "| lm |  | 3.000e-07 ± 1.4e-07 | 3.500e-07 ± 7.1e-08 | 0.900 ± 0.000 | 0/2 |" in page
+    assert "1.5/1.25/1.0 at the start, 2.0/1.5/1.0 at the end" in page
+    assert BAR_TEXT in page
+    time_ratio = sven_seconds / 0.3
+    assert f"| sven-gn-damped | 0.667 | {time_ratio:.3g} | {'yes' if time_ratio <= 1.5 else 'no'} |" in page
+    assert "| sven | 3.33 | 1.67 | no |" in page
+    if time_ratio <= 1.5:
+        assert f"**Bar met** on toy1d by `sven-gn-damped`: final validation MSE 2e-07 = 0.667× LM's, at " \
+               f"{sven_seconds:.3g} s/epoch = {time_ratio:.3g}× Adam's." in page
+    else:
+        assert f"**Bar not met** on toy1d: the Sven setting with the lowest final validation MSE, `sven-gn-damped`, " \
+               f"reaches 2e-07 = 0.667× LM's (the bar: ≤ 1) at {sven_seconds:.3g} s/epoch = {time_ratio:.3g}× " \
+               "Adam's (the bar: ≤ 1.5)." in page

@@ -23,4 +23,8 @@ for task in toy1d poly; do
 done
 $PY -m sven.bench mnist-ce --optimizers sven,sven-damped,adam,sgd,rmsprop,lbfgs,polyak --epochs 5 --out $OUT --no-progress
 $PY -m sven.bench digits-ce --optimizers sven,sven-damped,adam --grid --grid-epochs 2 --epochs 10 --seeds 3 --out $OUT --no-progress
+# issue 8: the Sven variants (kappa 2, kappa 1, fixed λ, adaptive λ) against lm, Adam and L-BFGS, same seeds
+for task in toy1d poly; do
+  $PY -m sven.bench $task --study lm --epochs 20 --seeds 3 --out $OUT --no-progress
+done
 $PY -m sven.bench report --results $OUT --figures docs/figures --page docs/RESULTS.md

@@ -14,10 +14,11 @@ import torch
 from sven.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZER_NAMES
 from sven.bench.plots import plot_study
 from sven.bench.report import write_report
-from sven.bench.results import command_line, environment, write_json
+from sven.bench.results import command_line, environment, load_average, write_json
 from sven.bench.studies import STUDIES, StudyOptions, result_name, run_study
 from sven.bench.tables import summary_table, text_table
 from sven.bench.tasks import TASK_BUILDERS
+from sven.bench.verdict import bar_verdict
 
 
 def _optimizer_list(text: str) -> list[str]:
@@ -57,9 +58,10 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("task", choices=list(TASK_BUILDERS), help="the benchmark task")
     parser.add_argument("--study", choices=list(STUDIES), default="compare",
                         help="compare: all optimizers (Figure 1); k, rtol: Sven sweeps on the training loss "
-                             "(Figure 2); microbatch_size, param_fraction: Figure 3; spectrum: Figures 2 and 4")
+                             "(Figure 2); microbatch_size, param_fraction: Figure 3; spectrum: Figures 2 and 4; "
+                             "lm: Sven variants against Levenberg–Marquardt, Adam and L-BFGS (grids.LM_STUDY)")
     parser.add_argument("--optimizers", type=_optimizer_list, default=list(DEFAULT_OPTIMIZERS),
-                        help=f"comma-separated subset of {','.join(OPTIMIZER_NAMES)}, for --study compare "
+                        help=f"comma-separated subset of {','.join(OPTIMIZER_NAMES)}, for --study compare only "
                              f"(default {','.join(DEFAULT_OPTIMIZERS)}; lm needs torch-levenberg-marquardt)")
     parser.add_argument("--epochs", type=_positive, default=None, help="epochs (default: the task's protocol)")
     parser.add_argument("--seeds", type=_positive, default=1, help="seeds 0..N-1 per configuration (default 1)")
@@ -98,16 +100,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     options = StudyOptions(optimizers=args.optimizers, epochs=args.epochs, seeds=args.seeds, grid=args.grid,
                            grid_epochs=args.grid_epochs, subset=args.subset, device=args.device,
                            data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides))
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), load_average()
     payload = run_study(args.study, args.task, options)
     name = result_name(args.task, args.study, options.overrides)
     payload.update(name=name, command=command_line(argv), environment=environment(args.device),
-                   total_seconds=time.perf_counter() - started)
+                   total_seconds=time.perf_counter() - started,
+                   load_average={"start": load_at_start, "end": load_average()})
     json_path = args.out / f"{name}.json"
     write_json(json_path, payload)
     figure = plot_study(payload, args.out / f"{name}.png")
     if payload["runs"]:
         print(text_table(*summary_table(payload)))
+    if payload["study"] == "lm":
+        print("\n".join(bar_verdict(payload)))
     print(f"wrote {json_path}" + (f" and {figure}" if figure else ""))
     return json_path
 

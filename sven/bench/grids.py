@@ -1,8 +1,15 @@
 """Every hyper-parameter the benchmark uses, in one place: default settings, search grids and study sweeps.
 
 Keys are optimizer names, optionally suffixed ``:cross_entropy`` for settings that
-apply to the cross-entropy tasks only. "sven" is the paper's exact step; "sven-damped"
-is Sven with Levenberg–Marquardt control of a damping λ (``damping="adaptive"``).
+apply to the cross-entropy tasks only. The Sven variants:
+
+- "sven": the paper's exact step (kappa = 2: the losses themselves are the residuals);
+- "sven-gn": kappa = 1, the Gauss–Newton residuals r = l^(1/2), no damping;
+- "sven-gn-fixed": kappa = 1 with a fixed Tikhonov damping λ, the Levenberg–Marquardt step in kernel form;
+- "sven-damped" (kappa = 2) and "sven-gn-damped" (kappa = 1): Levenberg–Marquardt control of λ
+  (``damping="adaptive"``).
+
+``kappa`` is a setting of ``SvenWrapper``; the benchmark's Sven stepper routes it there.
 The cross-entropy grid of "sven" is the paper's (RMSProp-scaled, large lr); its default
 is the plain exact step, which trains where that grid diverges (see docs/RESULTS.md).
 The strings "B/2" and "B" stand for half the batch size and the batch size of the task.
@@ -12,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 from typing import Any
+
+FIXED_DAMPING = (0.1, 1.0, 10.0)
 
 HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     "sven": {
@@ -23,9 +32,21 @@ HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
         "grid": {"lr": (1.0, 10.0, 50.0, 100.0), "k": (1, 2, 4, 8, 16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2),
                  "use_rmsprop": (True,)},
     },
+    "sven-gn": {
+        "default": {"lr": 0.1, "k": "B", "rtol": 1e-3, "kappa": 1},
+        "grid": {"lr": (0.05, 0.1, 0.5), "k": (16, "B"), "rtol": (1e-4, 1e-3, 1e-2), "kappa": (1,)},
+    },
+    "sven-gn-fixed": {
+        "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "kappa": 1, "damping": FIXED_DAMPING[1]},
+        "grid": {"lr": (0.5, 1.0), "k": ("B",), "rtol": (1e-3,), "kappa": (1,), "damping": FIXED_DAMPING},
+    },
     "sven-damped": {
         "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "damping": "adaptive"},
         "grid": {"lr": (0.5, 1.0), "k": (16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2), "damping": ("adaptive",)},
+    },
+    "sven-gn-damped": {
+        "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "kappa": 1, "damping": "adaptive"},
+        "grid": {"lr": (0.5, 1.0), "k": (16, "B"), "rtol": (1e-4, 1e-3, 1e-2), "kappa": (1,), "damping": ("adaptive",)},
     },
     "adam": {"default": {"lr": 1e-3}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},
     "sgd": {"default": {"lr": 1e-2}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},
@@ -78,3 +99,20 @@ def sweep_values(parameter: str, batch_size: int) -> list[Any]:
     if parameter not in STUDY_SWEEPS:
         raise ValueError(f"no sweep for {parameter!r}; expected one of {', '.join(STUDY_SWEEPS)}")
     return list(dict.fromkeys(resolve(value, batch_size) for value in STUDY_SWEEPS[parameter]))
+
+
+LM_STUDY: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("sven", {}),
+    ("sven-gn", {}),
+    *(("sven-gn-fixed", {"damping": value}) for value in FIXED_DAMPING),
+    ("sven-damped", {}),
+    ("sven-gn-damped", {}),
+    ("lm", {}),
+    ("adam", {"lr": 1e-3}),
+    ("adam", {"lr": 1e-2}),
+    ("lbfgs", {}),
+)
+"""The ``lm`` study (issue 8): (optimizer, settings overriding its defaults) per entry. Adam runs at the issue's
+lr = 1e-3 (the time reference of the bar) and at lr = 1e-2, the best of its grid on toy1d-compare and poly-compare."""
+LM_REFERENCE = "lm"
+TIME_REFERENCE = "adam lr=0.001"

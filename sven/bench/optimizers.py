@@ -86,7 +86,7 @@ TORCH_OPTIMIZERS: dict[str, TorchFactory] = {
     "lbfgs": lambda params, settings: torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **settings),
     "polyak": lambda params, settings: PolyakSGD(params, **settings),
 }
-SVEN_VARIANTS = ("sven", "sven-damped")
+SVEN_VARIANTS = ("sven", "sven-gn", "sven-gn-fixed", "sven-damped", "sven-gn-damped")
 DEFAULT_OPTIMIZERS = (*SVEN_VARIANTS, *TORCH_OPTIMIZERS)
 OPTIMIZER_NAMES = (*DEFAULT_OPTIMIZERS, "lm")
 

@@ -16,6 +16,7 @@ from sven.bench.results import final, mean_std, read_json
 from sven.bench.studies import STUDIES
 from sven.bench.tables import markdown_table, summary_table
 from sven.bench.tasks import TASK_BUILDERS
+from sven.bench.verdict import bar_verdict
 
 PAPER_CLAIMS: dict[str, dict[str, Any]] = {
     "toy1d": {"text": "Sven reaches a clearly lower validation loss than Adam (the authors report about "
@@ -112,11 +113,17 @@ def _grid_lines(payload: dict[str, Any]) -> list[str]:
 def _study_section(payload: dict[str, Any], figures: Path, page: Path) -> list[str]:
     lines = [f"### {payload['name']}", "", f"Command: `{payload['command']}`", "",
              f"Protocol: {_options_text(payload)}.", ""]
+    if "load_average" in payload:
+        load = payload["load_average"]
+        lines += [f"Machine load (1/5/15-min load average): {'/'.join(map(str, load['start']))} at the start, "
+                  f"{'/'.join(map(str, load['end']))} at the end.", ""]
     for optimizer, reason in (payload.get("skipped") or {}).items():
         lines += [f"Skipped {optimizer}: {reason}", ""]
     if not payload["runs"]:
         return lines + ["No run completed.", ""]
     lines += [markdown_table(*summary_table(payload)), ""]
+    if payload["study"] == "lm":
+        lines += bar_verdict(payload)
     lines += _grid_lines(payload)
     figure = plot_study(payload, figures / f"{payload['name']}.png")
     if figure:

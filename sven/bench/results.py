@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -38,6 +39,11 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     return info
 
 
+def load_average() -> list[float]:
+    """The machine's 1-, 5- and 15-minute load averages (``os.getloadavg``)."""
+    return [round(value, 2) for value in os.getloadavg()]
+
+
 def command_line(argv: list[str]) -> str:
     """The command ``python -m sven.bench ARGV`` (arguments quoted for the shell where needed)."""
     return " ".join(["python -m sven.bench", *(shlex.quote(arg) for arg in argv)])
@@ -68,6 +74,20 @@ def final(run: dict[str, Any], metric: str = "val_loss") -> float:
     """The last recorded value of ``metric`` in a run (inf for a diverged run or a missing value)."""
     value = run["history"][metric][-1]
     return math.inf if run["diverged"] or value is None else float(value)
+
+
+def median_of_last(run: dict[str, Any], epochs: int = 10, metric: str = "val_loss") -> float:
+    """The median of ``metric`` over the last ``epochs`` trained epochs (epoch 0 excluded); inf for a diverged run."""
+    values = run["history"][metric][1:][-epochs:]
+    if run["diverged"] or not values or None in values:
+        return math.inf
+    return float(statistics.median(values))
+
+
+def seconds_per_epoch(run: dict[str, Any]) -> float:
+    """Mean training time of the epochs a run completed (optimizer steps only, evaluation excluded)."""
+    times = run["history"]["epoch_time"][1:]
+    return statistics.fmean(times) if times else math.nan
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -2,7 +2,11 @@
 
 - ``compare``: every optimizer, default or grid-searched settings (Figure 1);
 - ``k``, ``rtol``, ``microbatch_size``, ``param_fraction``: Sven with one setting swept (Figures 2 and 3);
-- ``spectrum``: Sven's kept singular values across epochs, regression vs cross-entropy (Figures 2 and 4).
+- ``spectrum``: Sven's kept singular values across epochs, regression vs cross-entropy (Figures 2 and 4);
+- ``lm``: the Sven variants against Levenberg–Marquardt, Adam and L-BFGS (``grids.LM_STUDY``, issue 8).
+
+Every run of a seed starts from the same data, initial weights and batch order, whatever the optimizer
+(``train.train`` seeds the initialisation and a separate shuffling generator from the seed).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sven.bench.grids import default_settings, grid_settings, sweep_values
+from sven.bench.grids import LM_REFERENCE, LM_STUDY, TIME_REFERENCE, default_settings, grid_settings, sweep_values
 from sven.bench.optimizers import OptimizerUnavailable
 from sven.bench.results import final
 from sven.bench.tasks import REGRESSION, Task, build_task
@@ -68,6 +72,13 @@ def grid_search(task: Task, optimizer: str, options: StudyOptions) -> tuple[dict
     return best["settings"], tried
 
 
+def seeded_runs(task: Task, optimizer: str, settings: dict[str, Any], label: str,
+                options: StudyOptions) -> list[dict[str, Any]]:
+    """``optimizer`` with ``settings`` trained once per seed 0..seeds-1, each run labelled ``label``."""
+    return [_labelled(train(task, optimizer, settings, seed, options.epochs_for(task), options.device,
+                            progress=options.progress), label) for seed in range(options.seeds)]
+
+
 def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
     """Every optimizer of ``options`` on ``task`` over the seeds; grid-searched settings with ``options.grid``."""
     runs, searches, skipped = [], {}, {}
@@ -77,14 +88,30 @@ def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
                 settings, searches[optimizer] = grid_search(task, optimizer, options)
             else:
                 settings = {**default_settings(optimizer, task.loss_kind, task.batch_size), **options.overrides}
-            for seed in range(options.seeds):
-                run = train(task, optimizer, settings, seed, options.epochs_for(task), options.device,
-                            progress=options.progress)
-                runs.append(_labelled(run, " ".join([optimizer, *override_words(options.overrides)])))
+            runs += seeded_runs(task, optimizer, settings, " ".join([optimizer, *override_words(options.overrides)]),
+                                options)
         except OptimizerUnavailable as reason:
             skipped[optimizer] = str(reason)
             print(f"skipping {optimizer}: {reason}")
     return {"runs": runs, "grid_search": searches, "skipped": skipped}
+
+
+def versus_lm(task: Task, options: StudyOptions) -> dict[str, Any]:
+    """Each entry of ``grids.LM_STUDY`` (its defaults with the entry's overrides) over the seeds.
+
+    The payload names the labels of the bar's references: ``lm_reference`` (validation MSE)
+    and ``time_reference`` (seconds per epoch).
+    """
+    runs, skipped = [], {}
+    for optimizer, overrides in LM_STUDY:
+        label = " ".join([optimizer, *override_words(overrides)])
+        settings = {**default_settings(optimizer, task.loss_kind, task.batch_size), **overrides}
+        try:
+            runs += seeded_runs(task, optimizer, settings, label, options)
+        except OptimizerUnavailable as reason:
+            skipped[label] = str(reason)
+            print(f"skipping {label}: {reason}")
+    return {"runs": runs, "skipped": skipped, "lm_reference": LM_REFERENCE, "time_reference": TIME_REFERENCE}
 
 
 def sweep(parameter: str) -> Callable[[Task, StudyOptions], dict[str, Any]]:
@@ -130,6 +157,7 @@ STUDIES: dict[str, Callable[[Task, StudyOptions], dict[str, Any]]] = {
     "microbatch_size": sweep("microbatch_size"),
     "param_fraction": sweep("param_fraction"),
     "spectrum": spectrum,
+    "lm": versus_lm,
 }
 
 

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from sven.bench.plots import group_runs
-from sven.bench.results import final, mean_std
+from sven.bench.results import final, mean_std, median_of_last, seconds_per_epoch
 
 
 def _mean_std_text(values: list[float], number: str = ".3e", spread: str = ".1e") -> str:
@@ -31,6 +31,18 @@ def _losses_row(runs: list[dict[str, Any]]) -> list[str]:
 
 
 LOSS_HEADERS = ["final train loss", "final val loss", "val accuracy (%)", "wall time (s)", "diverged"]
+MEDIAN_EPOCHS = 10
+LM_STUDY_HEADERS = ["optimizer", "settings", "final val MSE", f"median val MSE, last {MEDIAN_EPOCHS} epochs",
+                    "s/epoch (training)", "diverged"]
+
+
+def _lm_study_row(runs: list[dict[str, Any]]) -> list[str]:
+    return [
+        _mean_std_text([final(run) for run in runs]),
+        _mean_std_text([median_of_last(run, MEDIAN_EPOCHS) for run in runs]),
+        _mean_std_text([seconds_per_epoch(run) for run in runs], ".3f", ".3f"),
+        f"{sum(run['diverged'] for run in runs)}/{len(runs)}",
+    ]
 
 
 def summary_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -48,6 +60,9 @@ def summary_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             rows.append([label, str(len(spectra)), f"{len(spectra[0])} → {len(spectra[-1])}",
                          f"{spectra[0][0]:.2e} → {spectra[-1][0]:.2e}", f"{spectra[-1][-1] / spectra[-1][0]:.1e}"])
         return headers, rows
+    if payload["study"] == "lm":
+        return LM_STUDY_HEADERS, [[label, _settings_text(runs[0]["settings"]), *_lm_study_row(runs)]
+                                  for label, runs in groups.items()]
     headers = ["optimizer" if payload["study"] == "compare" else "setting", "settings", *LOSS_HEADERS]
     rows = [[label, _settings_text(runs[0]["settings"]), *_losses_row(runs)] for label, runs in groups.items()]
     return headers, rows
