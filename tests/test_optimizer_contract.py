@@ -146,25 +146,46 @@ def test_last_step_and_svd_history_report_the_reference_spectrum() -> None:
     assert relative_error(optimizer.svd_history[0]["singular_values"], sigma) < 1e-6
 
 
-def rmsprop_scale(jacobian: Tensor, residuals: Tensor, alpha: float, eps: float) -> Tensor:
-    gradient = jacobian.T @ residuals / jacobian.shape[0]
-    return 1.0 / (((1 - alpha) * gradient**2).sqrt() + eps)
+def mean_jacobian_row(jacobian: Tensor) -> Tensor:
+    """g = Mᵀ1 / G (P,), the statistic RMSProp averages."""
+    return jacobian.mean(dim=0)
+
+
+def rmsprop_scale(jacobian: Tensor, alpha: float, eps: float) -> Tensor:
+    return 1.0 / (((1 - alpha) * mean_jacobian_row(jacobian) ** 2).sqrt() + eps)
 
 
 @pytest.mark.parametrize("engine", ["gram", "functorch"])
 @pytest.mark.parametrize("post", [False, True])
 def test_rmsprop_first_step_matches_the_scaled_reference(engine: str, post: bool) -> None:
-    """Pre: Δθ = −lr·D (M D)⁺ r; post: Δθ = −lr·D M⁺ r, with D = 1/(√((1−α) g²) + eps), g = Mᵀr/G."""
+    """Pre: Δθ = −lr·(M D)⁺ r; post: Δθ = −lr·D M⁺ r, with D = 1/(√((1−α) g²) + eps), g = Mᵀ1/G."""
     model, wrapped, batch = setup(engine)
     optimizer = Sven(wrapped, lr=0.2, use_rmsprop=True, rmsprop_post=post, alpha_rmsprop=0.9, eps_rmsprop=1e-3)
     residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
-    scale = rmsprop_scale(jacobian, residuals, 0.9, 1e-3)
-    scaled = jacobian if post else jacobian * scale
-    expected = -0.2 * scale * reference_direction(scaled, residuals, 64, 1e-3)
+    scale = rmsprop_scale(jacobian, 0.9, 1e-3)
+    if post:
+        expected = -0.2 * scale * reference_direction(jacobian, residuals, 64, 1e-3)
+    else:
+        expected = -0.2 * reference_direction(jacobian * scale, residuals, 64, 1e-3)
     before = flat_parameters(model)
     optimizer.step(batch)
     assert relative_error(flat_parameters(model) - before, expected) < 1e-9
-    assert relative_error(optimizer.square_avg, 0.1 * (jacobian.T @ residuals / 8) ** 2) < 1e-9
+    assert relative_error(optimizer.square_avg, 0.1 * mean_jacobian_row(jacobian) ** 2) < 1e-9
+
+
+def test_rmsprop_second_step_averages_the_squared_mean_rows() -> None:
+    """v₂ = α·(1−α)·g₁² + (1−α)·g₂² and Δθ₂ = −lr·(M₂ D₂)⁺ r₂ with D₂ = 1/(√v₂ + eps)."""
+    model, wrapped, batch = setup()
+    optimizer = Sven(wrapped, lr=0.2, use_rmsprop=True, alpha_rmsprop=0.9, eps_rmsprop=1e-3)
+    _, first_jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    optimizer.step(batch)
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    average = 0.9 * 0.1 * mean_jacobian_row(first_jacobian) ** 2 + 0.1 * mean_jacobian_row(jacobian) ** 2
+    expected = -0.2 * reference_direction(jacobian / (average.sqrt() + 1e-3), residuals, 64, 1e-3)
+    before = flat_parameters(model)
+    optimizer.step(batch)
+    assert relative_error(optimizer.square_avg, average) < 1e-9
+    assert relative_error(flat_parameters(model) - before, expected) < 1e-9
 
 
 def test_momentum_adds_mu_times_the_previous_step() -> None:

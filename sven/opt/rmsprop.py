@@ -1,9 +1,15 @@
-"""RMSProp scaling for Sven: a running average of squared gradients and the column-scaled Jacobian.
+"""RMSProp scaling for Sven: a running average of squared mean Jacobian rows and the column-scaled Jacobian.
 
-With D = diag(1 / (√v + eps)) built from the running average v of the squared
-gradient g = Mᵀr / G of the objective ½·mean(r²), Sven's step becomes
-``D (M D)⁺ r`` (pre-scaling: the pseudoinverse is taken in the rescaled
-coordinates θ = D θ') or ``D M⁺ r`` (post-scaling of the update).
+v ← α·v + (1 − α)·g², with g = Mᵀ1 / G (n,) the mean row of the residual Jacobian M
+(G × n) — the gradient of mean(r), i.e. of the mean loss when kappa = 2 — defines the
+column scale D = diag(1 / (√v + eps)). Sven's step is then ``(M D)⁺ r`` (pre-scaling,
+the paper's: the pseudoinverse of the rescaled Jacobian applied as the update, like
+RMSProp's g / √v) or ``D M⁺ r`` (post-scaling of the update).
+
+``D (M D)⁺ r`` — the exact reparametrisation θ = D θ' — is deliberately not used: it
+is invariant to D's overall scale and moves a parameter whose mean gradient is near zero
+by about r / M_ij, which blew up cross-entropy training in the first epoch; ``(M D)⁺ r``
+moves it by at most about r·√v_j / |M_ij|.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from sven.jacobian.operator import JacobianOperator
 
 
 def updated_square_average(square_avg: Tensor, gradient: Tensor, alpha: float) -> Tensor:
-    """α·v + (1 − α)·g² for v, g of the same shape (n,); returns a new tensor."""
+    """α·v + (1 − α)·g² for v, g (the mean Jacobian row Mᵀ1 / G) of the same shape (n,); returns a new tensor."""
     return alpha * square_avg + (1 - alpha) * gradient.to(square_avg.dtype) ** 2
 
 

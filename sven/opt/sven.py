@@ -53,9 +53,9 @@ class Sven(torch.optim.Optimizer):
             it is undone bit-identically and retried with λ·``damping_increase`` from the same
             spectrum, at most ``max_tries`` times; an accepted try sets λ·``damping_decrease``
             for the next step; λ stays in [``damping_min``, ``damping_max``].
-        use_rmsprop: scale M's columns by D = 1/(√v + ``eps_rmsprop``) before the pseudoinverse,
-            step ``D (M D)⁺ r``, with v the running average (factor ``alpha_rmsprop``) of the
-            squared gradient Mᵀr / G. ``rmsprop_post=True`` scales the update instead: ``D M⁺ r``.
+        use_rmsprop: scale M's columns by D = 1/(√v + ``eps_rmsprop``) and step ``(M D)⁺ r`` (the
+            paper's pre-scaling), with v the running average (factor ``alpha_rmsprop``) of the squared
+            mean Jacobian row g = Mᵀ1 / G. ``rmsprop_post=True`` scales the update instead: ``D M⁺ r``.
         mu_rmsprop: heavy-ball momentum on the step, b ← μ·b + d, θ ← θ − lr·b (0: off).
         variable_k: greedy rank — add singular directions one at a time while the batch loss
             falls (one extra forward pass per direction tried, at most rank_kept).
@@ -246,7 +246,8 @@ class Sven(torch.optim.Optimizer):
         mean_loss = float(state.losses.double().mean())
         uses_momentum = settings["mu_rmsprop"] != 0
         candidates = CandidateSteps(
-            self.wrapped, solve_operator, residuals, state.batch, state.columns, scale, self._lr_per_param(),
+            self.wrapped, solve_operator, residuals, state.batch, state.columns, None if pre_scaled else scale,
+            self._lr_per_param(),
             (self.momentum, settings["mu_rmsprop"]) if uses_momentum else None,
             undoable=settings["damping"] == "adaptive" or settings["variable_k"],
         )
@@ -288,10 +289,14 @@ class Sven(torch.optim.Optimizer):
     def _rmsprop(
         self, operator: JacobianOperator, residuals: Tensor, columns: Tensor | None, settings: dict[str, Any]
     ) -> tuple[Tensor | None, Tensor | None]:
-        """(new flat running average (P,), column scale (n,)) when use_rmsprop, else (None, None)."""
+        """(new flat running average (P,), column scale (n,)) when use_rmsprop, else (None, None).
+
+        The averaged statistic is the squared mean Jacobian row g = Mᵀ1 / G (n,), the gradient of
+        mean(r) (of the mean loss when kappa = 2), as in the paper's code.
+        """
         if not settings["use_rmsprop"]:
             return None, None
-        gradient = operator.rmatmul(residuals).to(BUFFER_DTYPE) / operator.shape[0]
+        gradient = operator.rmatmul(torch.ones_like(residuals)).to(BUFFER_DTYPE) / operator.shape[0]
         buffer = self.square_avg
         if buffer is None:
             buffer = torch.zeros(self.wrapped.params.size, dtype=BUFFER_DTYPE, device=gradient.device)
