@@ -1,13 +1,14 @@
 """Candidate Sven updates for one Jacobian: build one for a spectrum and λ, apply it, measure it, undo it.
 
 The step searches (adaptive damping, greedy rank) try several updates from the same
-spectrum; this keeps the bookkeeping — RMSProp column scale, momentum, per-group lr,
+spectrum; this keeps the bookkeeping — RMSProp post-scaling, momentum, per-group lr,
 param_fraction columns, and the exact undo — in one place.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,17 +27,18 @@ class CandidateSteps:
         residuals: r (G,) float64.
         batch: the batch ``(x, y, *extra)`` the losses came from.
         columns: flat indices (n,) the operator covers (param_fraction), or None for all P.
-        column_scale: D (n,) that multiplies the direction (RMSProp), or None.
+        direction_scaling: maps each direction (n,) to the scaled one (RMSProp post-scaling), or None.
         lr_per_param: lr of each wrapped parameter's group, in ParamSpace order.
         momentum: previous momentum buffer (P,) and its factor μ, or None: b = μ·b_prev + d over all P.
         undoable: keep an exact copy of the parameters so that ``undo`` restores them bit-identically.
     """
 
     def __init__(self, wrapped: SvenWrapper, operator: JacobianOperator, residuals: Tensor, batch: tuple,
-                 columns: Tensor | None, column_scale: Tensor | None, lr_per_param: list[float],
+                 columns: Tensor | None, direction_scaling: Callable[[Tensor], Tensor] | None,
+                 lr_per_param: list[float],
                  momentum: tuple[Tensor | None, float] | None, undoable: bool) -> None:
         self.wrapped, self.operator, self.residuals, self.batch = wrapped, operator, residuals, batch
-        self.direction_columns, self.column_scale, self.momentum = columns, column_scale, momentum
+        self.direction_columns, self.direction_scaling, self.momentum = columns, direction_scaling, momentum
         self.lr_per_param = lr_per_param
         self.columns = columns if momentum is None else None
         self._saved = [p.detach().clone() for p in wrapped.params.tensors] if undoable else []
@@ -44,8 +46,8 @@ class CandidateSteps:
     def update(self, spectrum: Spectrum, damping: float) -> Tensor:
         """b for the kept triplets of ``spectrum`` filtered with λ = ``damping``: (n,), or (P,) with momentum."""
         direction = pinv_direction(spectrum, self.operator, self.residuals, damping)
-        if self.column_scale is not None:
-            direction = direction * self.column_scale.to(direction.dtype)
+        if self.direction_scaling is not None:
+            direction = self.direction_scaling(direction)
         if self.momentum is None:
             return direction
         previous, factor = self.momentum

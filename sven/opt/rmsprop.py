@@ -4,7 +4,8 @@ v ← α·v + (1 − α)·g², with g = Mᵀ1 / G (n,) the mean row of the resid
 (G × n) — the gradient of mean(r), i.e. of the mean loss when kappa = 2 — defines the
 column scale D = diag(1 / (√v + eps)). Sven's step is then ``(M D)⁺ r`` (pre-scaling,
 the paper's: the pseudoinverse of the rescaled Jacobian applied as the update, like
-RMSProp's g / √v) or ``D M⁺ r`` (post-scaling of the update).
+RMSProp's g / √v). Post-scaling (the paper's too) normalises the update by its own
+running RMS instead: d = M⁺ r, v ← α·v + (1 − α)·d², step ``d / (√v + eps)``.
 
 ``D (M D)⁺ r`` — the exact reparametrisation θ = D θ' — is deliberately not used: it
 is invariant to D's overall scale and moves a parameter whose mean gradient is near zero
@@ -20,14 +21,32 @@ from torch import Tensor
 from sven.jacobian.operator import JacobianOperator
 
 
-def updated_square_average(square_avg: Tensor, gradient: Tensor, alpha: float) -> Tensor:
-    """α·v + (1 − α)·g² for v, g (the mean Jacobian row Mᵀ1 / G) of the same shape (n,); returns a new tensor."""
-    return alpha * square_avg + (1 - alpha) * gradient.to(square_avg.dtype) ** 2
+def updated_square_average(square_avg: Tensor, values: Tensor, alpha: float) -> Tensor:
+    """α·v + (1 − α)·g² for v, g of the same shape (n,) (g: mean Jacobian row or update); a new tensor."""
+    return alpha * square_avg + (1 - alpha) * values.to(square_avg.dtype) ** 2
 
 
 def column_scale(square_avg: Tensor, eps: float) -> Tensor:
     """The RMSProp scale 1 / (√v + eps), shape of v."""
     return 1.0 / (square_avg.sqrt() + eps)
+
+
+class UpdateScaling:
+    """RMSProp post-scaling d ↦ d / (√v + eps), v = α·v_prev + (1 − α)·d², for candidate directions d (n,).
+
+    ``square_avg`` is the flat running average (P,) after the last direction scaled (the
+    one a step applies); with ``columns`` (param_fraction) only those entries change.
+    """
+
+    def __init__(self, previous: Tensor, columns: Tensor | None, alpha: float, eps: float) -> None:
+        self.previous, self.columns, self.alpha, self.eps = previous, columns, alpha, eps
+        self.square_avg = previous
+
+    def __call__(self, direction: Tensor) -> Tensor:
+        current = self.previous if self.columns is None else self.previous[self.columns]
+        updated = updated_square_average(current, direction, self.alpha)
+        self.square_avg = updated if self.columns is None else self.previous.index_copy(0, self.columns, updated)
+        return direction * column_scale(updated, self.eps).to(direction.dtype)
 
 
 class ColumnScaledJacobian(JacobianOperator):

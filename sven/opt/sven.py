@@ -16,7 +16,7 @@ from sven.opt.candidate import CandidateSteps
 from sven.opt.damping import DampingSchedule, search_damping
 from sven.opt.pinv import SVD_MODES, SolverOptions, Spectrum, resolve_mode, truncated_spectrum
 from sven.opt.report import StepReport, spectrum_entries
-from sven.opt.rmsprop import ColumnScaledJacobian, column_scale, updated_square_average
+from sven.opt.rmsprop import ColumnScaledJacobian, UpdateScaling, column_scale, updated_square_average
 from sven.opt.variable_k import greedy_rank, leading
 
 SHARED_SETTINGS = (
@@ -55,7 +55,8 @@ class Sven(torch.optim.Optimizer):
             for the next step; λ stays in [``damping_min``, ``damping_max``].
         use_rmsprop: scale M's columns by D = 1/(√v + ``eps_rmsprop``) and step ``(M D)⁺ r`` (the
             paper's pre-scaling), with v the running average (factor ``alpha_rmsprop``) of the squared
-            mean Jacobian row g = Mᵀ1 / G. ``rmsprop_post=True`` scales the update instead: ``D M⁺ r``.
+            mean Jacobian row g = Mᵀ1 / G. ``rmsprop_post=True`` scales the update instead, as the
+            paper's code: d = M⁺ r, v ← α·v + (1 − α)·d², step ``d / (√v + eps)``.
         mu_rmsprop: heavy-ball momentum on the step, b ← μ·b + d, θ ← θ − lr·b (0: off).
         variable_k: greedy rank — add singular directions one at a time while the batch loss
             falls (one extra forward pass per direction tried, at most rank_kept).
@@ -234,9 +235,9 @@ class Sven(torch.optim.Optimizer):
         if bool(bad.any()):
             return self._skip(f"{int(bad.sum())} of {bad.numel()} samples have a non-finite loss or Jacobian row",
                               state.losses, int(bad.sum()))
-        square_avg, scale = self._rmsprop(operator, residuals, state.columns, settings)
-        pre_scaled = scale is not None and not settings["rmsprop_post"]
-        solve_operator = ColumnScaledJacobian(operator, scale) if pre_scaled else operator
+        square_avg, scale = self._gradient_scale(operator, state.columns, settings)
+        update_scaling = self._update_scaling(state.columns, settings)
+        solve_operator = operator if scale is None else ColumnScaledJacobian(operator, scale)
         spectrum, mode, solver_note = self._solve(solve_operator, settings)
         solve_time = time.perf_counter() - started
         if spectrum is None:
@@ -246,8 +247,7 @@ class Sven(torch.optim.Optimizer):
         mean_loss = float(state.losses.double().mean())
         uses_momentum = settings["mu_rmsprop"] != 0
         candidates = CandidateSteps(
-            self.wrapped, solve_operator, residuals, state.batch, state.columns, None if pre_scaled else scale,
-            self._lr_per_param(),
+            self.wrapped, solve_operator, residuals, state.batch, state.columns, update_scaling, self._lr_per_param(),
             (self.momentum, settings["mu_rmsprop"]) if uses_momentum else None,
             undoable=settings["damping"] == "adaptive" or settings["variable_k"],
         )
@@ -261,6 +261,8 @@ class Sven(torch.optim.Optimizer):
                 return self._skip("the solver returned a non-finite direction", state.losses)
             candidates.apply(update)
             report = {"damping": settings["damping"], "tries": 1, "accepted": True}
+        if update_scaling is not None and update is not None:
+            square_avg = update_scaling.square_avg
         self._commit(square_avg, update if uses_momentum else None)
         self.last_step = StepReport({
             "skipped": False,
@@ -286,24 +288,35 @@ class Sven(torch.optim.Optimizer):
         if momentum is not None:
             self.momentum = momentum
 
-    def _rmsprop(
-        self, operator: JacobianOperator, residuals: Tensor, columns: Tensor | None, settings: dict[str, Any]
+    def _gradient_scale(
+        self, operator: JacobianOperator, columns: Tensor | None, settings: dict[str, Any]
     ) -> tuple[Tensor | None, Tensor | None]:
-        """(new flat running average (P,), column scale (n,)) when use_rmsprop, else (None, None).
+        """RMSProp pre-scaling: (new flat running average (P,), column scale D (n,)), else (None, None).
 
         The averaged statistic is the squared mean Jacobian row g = Mᵀ1 / G (n,), the gradient of
         mean(r) (of the mean loss when kappa = 2), as in the paper's code.
         """
-        if not settings["use_rmsprop"]:
+        if not settings["use_rmsprop"] or settings["rmsprop_post"]:
             return None, None
-        gradient = operator.rmatmul(torch.ones_like(residuals)).to(BUFFER_DTYPE) / operator.shape[0]
-        buffer = self.square_avg
-        if buffer is None:
-            buffer = torch.zeros(self.wrapped.params.size, dtype=BUFFER_DTYPE, device=gradient.device)
+        ones = torch.ones(operator.shape[0], dtype=BUFFER_DTYPE, device=self.wrapped.device)
+        gradient = operator.rmatmul(ones).to(BUFFER_DTYPE) / operator.shape[0]
+        buffer = self._square_avg_buffer()
         current = buffer if columns is None else buffer[columns]
         updated = updated_square_average(current, gradient, settings["alpha_rmsprop"])
         new_buffer = updated if columns is None else buffer.index_copy(0, columns, updated)
         return new_buffer, column_scale(updated, settings["eps_rmsprop"])
+
+    def _update_scaling(self, columns: Tensor | None, settings: dict[str, Any]) -> UpdateScaling | None:
+        """RMSProp post-scaling of each candidate direction by its running RMS, else None."""
+        if not (settings["use_rmsprop"] and settings["rmsprop_post"]):
+            return None
+        return UpdateScaling(self._square_avg_buffer(), columns, settings["alpha_rmsprop"], settings["eps_rmsprop"])
+
+    def _square_avg_buffer(self) -> Tensor:
+        """The flat RMSProp running average (P,) float64; zeros before the first step."""
+        if self.square_avg is not None:
+            return self.square_avg
+        return torch.zeros(self.wrapped.params.size, dtype=BUFFER_DTYPE, device=self.wrapped.device)
 
     def _solve(self, operator: JacobianOperator, settings: dict[str, Any]) -> tuple[Spectrum | None, str, str | None]:
         """(spectrum, solver used, note); an eigensolver failure falls back to the float64 SVD of M ("torch")."""
