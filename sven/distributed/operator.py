@@ -74,7 +74,7 @@ class DistributedJacobian(JacobianOperator):
     def materialised(self) -> bool:
         return self.local.materialised
 
-    def gram(self) -> Tensor:
+    def _compute_gram(self) -> Tensor:
         return self.replica().gram()
 
     def dense(self) -> Tensor:

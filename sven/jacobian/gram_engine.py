@@ -50,15 +50,12 @@ class GramJacobian(JacobianOperator):
         self.dtype = params.tensors[0].dtype
         self.device = params.tensors[0].device
         self._position = {id(p): i for i, p in enumerate(params.tensors)}
-        self._gram: Tensor | None = None
 
-    def gram(self) -> Tensor:
-        if self._gram is None:
-            gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
-            for block in self.blocks:
-                gram += block.gram()
-            self._gram = gram
-        return self._gram
+    def _compute_gram(self) -> Tensor:
+        gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+        for block in self.blocks:
+            gram += block.gram()
+        return gram
 
     def _assemble(self, per_block: list[list[Tensor]], leading: tuple[int, ...]) -> Tensor:
         pieces: list[Tensor | None] = [None] * len(self.params.tensors)

@@ -9,6 +9,7 @@ wrapper's parameter order. Solvers in ``sven.opt.pinv`` talk to M only through
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -21,9 +22,17 @@ class JacobianOperator(ABC):
     dtype: torch.dtype
     device: torch.device
 
-    @abstractmethod
     def gram(self) -> Tensor:
-        """M Mᵀ, shape (rows, rows), float64."""
+        """M Mᵀ, shape (rows, rows), float64; computed once per operator."""
+        return self._cached_gram
+
+    @cached_property
+    def _cached_gram(self) -> Tensor:
+        return self._compute_gram()
+
+    @abstractmethod
+    def _compute_gram(self) -> Tensor:
+        """M Mᵀ, shape (rows, rows), float64 (called once; ``gram()`` caches it)."""
 
     @abstractmethod
     def rmatmul(self, u: Tensor) -> Tensor:
@@ -63,17 +72,14 @@ class DenseJacobian(JacobianOperator):
         self.shape = (matrix.shape[0], matrix.shape[1])
         self.dtype = matrix.dtype
         self.device = matrix.device
-        self._gram: Tensor | None = None
 
     @property
     def materialised(self) -> bool:
         return True
 
-    def gram(self) -> Tensor:
-        if self._gram is None:
-            m64 = self.matrix.to(torch.float64)
-            self._gram = m64 @ m64.T
-        return self._gram
+    def _compute_gram(self) -> Tensor:
+        m64 = self.matrix.to(torch.float64)
+        return m64 @ m64.T
 
     def rmatmul(self, u: Tensor) -> Tensor:
         return self.matrix.T @ u.to(self.dtype)
@@ -106,16 +112,13 @@ class RowTransformedJacobian(JacobianOperator):
         self.shape = (row_map.shape[0], base.shape[1])
         self.dtype = base.dtype
         self.device = base.device
-        self._gram: Tensor | None = None
 
     @property
     def materialised(self) -> bool:
         return self.base.materialised
 
-    def gram(self) -> Tensor:
-        if self._gram is None:
-            self._gram = self.row_map @ self.base.gram() @ self.row_map.T
-        return self._gram
+    def _compute_gram(self) -> Tensor:
+        return self.row_map @ self.base.gram() @ self.row_map.T
 
     def rmatmul(self, u: Tensor) -> Tensor:
         return self.base.rmatmul(self.row_map.T @ u.to(torch.float64))

@@ -66,7 +66,6 @@ class ColumnScaledJacobian(JacobianOperator):
         self.shape = base.shape
         self.dtype = base.dtype
         self.device = base.device
-        self._gram: Tensor | None = None
 
     @property
     def materialised(self) -> bool:
@@ -76,11 +75,9 @@ class ColumnScaledJacobian(JacobianOperator):
         scale = self.scale.to(values.dtype)
         return scale if values.dim() == 1 else scale[:, None]
 
-    def gram(self) -> Tensor:
-        if self._gram is None:
-            scaled = self.base.dense().to(torch.float64) * self.scale.to(torch.float64)
-            self._gram = scaled @ scaled.T
-        return self._gram
+    def _compute_gram(self) -> Tensor:
+        scaled = self.base.dense().to(torch.float64) * self.scale.to(torch.float64)
+        return scaled @ scaled.T
 
     def rmatmul(self, u: Tensor) -> Tensor:
         product = self.base.rmatmul(u)
