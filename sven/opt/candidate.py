@@ -72,6 +72,8 @@ class CandidateSteps:
 
     def step_norm(self, update: Tensor) -> float:
         """‖Δθ‖ = ‖lr_g · b‖ of an update."""
+        if len(set(self.lr_per_param)) == 1:
+            return abs(self.lr_per_param[0]) * float(update.to(torch.float64).norm())
         params = self.wrapped.params
         lr_flat = torch.repeat_interleave(
             torch.tensor(self.lr_per_param, dtype=torch.float64), torch.tensor(params.numels)
