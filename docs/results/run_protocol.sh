@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reduced protocol behind docs/RESULTS.md (about 45 minutes on 2 shared CPU cores).
+# The reduced protocol behind docs/RESULTS.md (about an hour on 2 shared CPU cores).
 # The full grids and seeds of the paper stay available through the same flags (e.g. --seeds 10, --grid-epochs 20).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}

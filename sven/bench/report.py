@@ -81,6 +81,18 @@ def _claim_lines(payloads: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _bar_lines(payloads: list[dict[str, Any]]) -> list[str]:
+    studies = [payload for payload in payloads if payload["study"] == "lm" and payload["runs"]]
+    if not studies:
+        return []
+    lines = ["## Sven against Levenberg–Marquardt (issue 8)", "",
+             "From the `lm` studies below: every Sven variant, `lm` (torch-levenberg-marquardt, its defaults), "
+             "Adam and L-BFGS on the same data, initial weights and batch order per seed.", ""]
+    for payload in studies:
+        lines += [f"### {payload['task']}", "", *bar_verdict(payload)]
+    return lines
+
+
 def _options_text(payload: dict[str, Any]) -> str:
     options = payload["options"]
     first = payload["runs"][0] if payload["runs"] else None
@@ -122,8 +134,6 @@ def _study_section(payload: dict[str, Any], figures: Path, page: Path) -> list[s
     if not payload["runs"]:
         return lines + ["No run completed.", ""]
     lines += [markdown_table(*summary_table(payload)), ""]
-    if payload["study"] == "lm":
-        lines += bar_verdict(payload)
     lines += _grid_lines(payload)
     figure = plot_study(payload, figures / f"{payload['name']}.png")
     if figure:
@@ -149,6 +159,7 @@ def write_report(results: Path, figures: Path, page: Path) -> Path:
         lines += [f"The same commands, in order: [{PROTOCOL_SCRIPT}]({os.path.relpath(protocol, page.parent)}).", ""]
     lines += _machine_section(payloads)
     lines += _claim_lines(payloads)
+    lines += _bar_lines(payloads)
     lines += ["## Studies", ""]
     for payload in payloads:
         lines += _study_section(payload, figures, page)
