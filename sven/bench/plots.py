@@ -27,13 +27,16 @@ def draw_bands(axis: plt.Axes, groups: dict[str, list[dict[str, Any]]], x: str, 
     """One line per group (mean over its runs that did not diverge) with a shaded ±1σ band.
 
     On a log scale the band's lower edge is clipped at the lowest run, so it stays positive.
-    A group whose runs all diverged is drawn up to where they stopped.
+    A group whose runs all diverged is drawn up to where they stopped. More than ten groups
+    take their colours from tab20, so no two share one.
     """
-    for label, runs in groups.items():
+    palette = plt.cm.tab20.colors if len(groups) > len(plt.cm.tab10.colors) else plt.cm.tab10.colors
+    for index, (label, runs) in enumerate(groups.items()):
         kept = [run for run in runs if not run["diverged"]] or runs
         diverged = sum(run["diverged"] for run in runs)
         xs, mean, std, lowest = curve_band(kept, x, y)
-        line, = axis.plot(xs, mean, label=label + (f" ({diverged}/{len(runs)} diverged)" if diverged else ""))
+        line, = axis.plot(xs, mean, color=palette[index % len(palette)],
+                          label=label + (f" ({diverged}/{len(runs)} diverged)" if diverged else ""))
         if len(kept) > 1:
             lower = np.maximum(mean - std, lowest) if log else mean - std
             axis.fill_between(xs, lower, mean + std, color=line.get_color(), alpha=0.2)
