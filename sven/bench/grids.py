@@ -10,8 +10,8 @@ apply to the cross-entropy tasks only. The Sven variants:
   (``damping="adaptive"``).
 
 ``kappa`` is a setting of ``SvenWrapper``; the benchmark's Sven stepper routes it there.
-The cross-entropy grid of "sven" is the paper's (RMSProp-scaled, large lr); its default
-is the plain exact step, which trains where that grid diverges (see docs/RESULTS.md).
+The cross-entropy grid of "sven" is the paper's (RMSProp-scaled, large lr); without a grid
+search the default is the plain exact step with a small lr.
 The strings "B/2" and "B" stand for half the batch size and the batch size of the task.
 """
 
