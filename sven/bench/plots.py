@@ -15,6 +15,16 @@ LABELS = {"val_loss": "validation loss", "train_loss": "training loss", "val_acc
           "epoch": "epoch", "wall_time": "wall time (s)"}
 
 
+
+def save_figure(figure: plt.Figure, path: Path, title: str) -> Path:
+    """Title, lay out, write ``figure`` as a PNG at ``path`` (creating its folder) and close it."""
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
 def curve_band(runs: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, ...]:
     """(x mean, y mean, y std, y min) over runs, each (E,), cut to the shortest history."""
     length = min(len(run["history"][y]) for run in runs)
@@ -54,12 +64,7 @@ def plot_curves(groups: dict[str, list[dict[str, Any]]], path: Path, title: str,
     figure, axes = plt.subplots(1, len(xs), figsize=(5.5 * len(xs), 4), squeeze=False)
     for axis, x in zip(axes[0], xs):
         draw_bands(axis, groups, x, y)
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, title)
 
 
 def plot_spectra(panels: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
@@ -77,12 +82,7 @@ def plot_spectra(panels: dict[str, dict[str, Any]], path: Path, title: str) -> P
         axis.set_title(label)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, title)
 
 
 def group_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
