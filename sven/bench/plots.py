@@ -15,7 +15,6 @@ LABELS = {"val_loss": "validation loss", "train_loss": "training loss", "val_acc
           "epoch": "epoch", "wall_time": "wall time (s)"}
 
 
-
 def save_figure(figure: plt.Figure, path: Path, title: str) -> Path:
     """Title, lay out, write ``figure`` as a PNG at ``path`` (creating its folder) and close it."""
     figure.suptitle(title)
@@ -24,6 +23,7 @@ def save_figure(figure: plt.Figure, path: Path, title: str) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
 
 def curve_band(runs: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, ...]:
     """(x mean, y mean, y std, y min) over runs, each (E,), cut to the shortest history."""
