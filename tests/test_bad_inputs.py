@@ -214,6 +214,30 @@ def test_dropout_uses_one_mask_for_the_losses_and_the_jacobian() -> None:
     assert relative_error(wrapped.state.operator.dense(), jacobian) < 1e-12
 
 
+class ScaledFeatures(nn.Module):
+    """A parametrised layer without a Gram rule: the Gram engine sends it to the functorch fallback."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_dropout_with_a_fallback_layer_is_refused_on_the_gram_engine_and_works_on_functorch() -> None:
+    """The fallback would draw other masks than the batched pass: an error, never an inconsistent Jacobian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), ScaledFeatures(8), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    batch = make_batch(8, 3, 2)
+    with pytest.raises(ValueError, match=r"module '2' \(Dropout, p=0.5\).*\['1.scale'\].*engine='functorch'"):
+        SvenWrapper(model, per_sample_mse, engine="gram").loss_and_grad(batch)
+    losses, _ = SvenWrapper(model, per_sample_mse, engine="functorch").loss_and_grad(batch)
+    assert losses.shape == (8,)
+    model.eval()
+    SvenWrapper(model, per_sample_mse, engine="gram").loss_and_grad(batch)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_extra_batch_tensors_reach_the_loss(engine: str) -> None:
     weighted = lambda pred, target, weight: weight * per_sample_mse(pred, target)  # noqa: E731

@@ -130,6 +130,8 @@ class GramEngine:
     def compute(self, loss_fn: LossFn, batch: tuple) -> tuple[Tensor, Tensor, GramJacobian]:
         """Run the batch; return (losses (B,), predictions, GramJacobian (B, P))."""
         check_no_batch_coupling(self.model)
+        if self.fallback_names:
+            self._check_no_active_dropout()
         inputs, targets, *extra = batch
         batch_size = targets.shape[0]
         with torch.enable_grad(), self._recording():
@@ -166,6 +168,17 @@ class GramEngine:
             elif per_call:
                 blocks += [type(calls[0]).summed(list(calls)) for calls in zip(*per_call)]
         return blocks
+
+    def _check_no_active_dropout(self) -> None:
+        """The fallback re-runs the model per sample and would draw other dropout masks than the batched pass."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+                raise ValueError(
+                    f"module '{name}' ({type(module).__name__}, p={module.p}) is active while parameters "
+                    f"{self.fallback_names} use the Gram engine's functorch fallback, which re-runs the model "
+                    "per sample with different dropout masks, so the Jacobian would not match the losses. "
+                    "Use SvenWrapper(..., engine='functorch') (one evaluation gives both), or model.eval()."
+                )
 
     def _fallback_block(self, loss_fn: LossFn, batch: tuple) -> GradientBlock:
         inputs, targets, *extra = batch
