@@ -18,7 +18,7 @@ done
 $PY -m sven.bench mnist-regression --study spectrum --epochs 5 --out $OUT --no-progress
 for task in toy1d poly; do
   for study in microbatch_size param_fraction; do
-    $PY -m sven.bench $task --study $study --epochs 10 --seeds 5 --out $OUT --no-progress
+    $PY -m sven.bench $task --study $study --epochs 10 --seeds 10 --out $OUT --no-progress
   done
 done
 $PY -m sven.bench mnist-ce --optimizers sven,sven-damped,adam,sgd,rmsprop,lbfgs,polyak --epochs 5 --out $OUT --no-progress
