@@ -22,6 +22,7 @@ from sven.jacobian.blocks import GradientBlock, MaterializedBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
 from sven.jacobian.functorch_engine import LossFn, per_sample_loss_grads
 from sven.jacobian.layers import rule_for
+from sven.jacobian.layers.registry import GramRule
 from sven.jacobian.operator import JacobianOperator
 from sven.jacobian.params import ParamSpace
 
@@ -37,6 +38,7 @@ class _Call:
 class _HookedLayer:
     name: str
     module: nn.Module
+    rule: GramRule
     calls: list[_Call] = field(default_factory=list)
 
 
@@ -97,7 +99,7 @@ class GramEngine:
             for child_name, child in module.named_children():
                 self._plan(child, f"{prefix}.{child_name}" if prefix else child_name, trainable, name_of)
         elif rule_for(module) is not None and len(own_trainable) == len(own):
-            self.hooked.append(_HookedLayer(prefix, module))
+            self.hooked.append(_HookedLayer(prefix, module, rule_for(module)))
         else:
             self.fallback_names += [name_of[id(p)] for p in module.parameters() if id(p) in trainable]
 
@@ -161,8 +163,7 @@ class GramEngine:
                         "or use SvenWrapper(..., engine='functorch'))"
                     )
                 grad = torch.zeros_like(call.probe) if grad is None else grad
-                rule = rule_for(layer.module)
-                per_call.append(rule(layer.module, call.activations, grad))
+                per_call.append(layer.rule(layer.module, call.activations, grad))
             if len(per_call) == 1:
                 blocks += per_call[0]
             elif per_call:
