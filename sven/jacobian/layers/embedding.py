@@ -25,12 +25,17 @@ class EmbeddingBlock(GradientBlock):
         self.indices = indices.reshape(indices.shape[0], -1)
         self.backprops = backprops.reshape(*self.indices.shape, weight.shape[1])
 
+    def _sample_token_codes(self) -> Tensor:
+        """sample · V + token for every position, flattened (B·T,): the row of (B·V, dim) it writes."""
+        batch, tokens = self.indices.shape
+        samples = torch.arange(batch, device=self.indices.device).repeat_interleave(tokens)
+        return samples * self.weight.shape[0] + self.indices.reshape(-1)
+
     def _sample_token_rows(self) -> tuple[Tensor, Tensor, Tensor]:
         """(sample, token, summed backprop (U, dim)) for the U distinct (sample, token) pairs."""
         batch, tokens = self.indices.shape
         vocab = self.weight.shape[0]
-        samples = torch.arange(batch, device=self.indices.device).repeat_interleave(tokens)
-        codes, inverse = torch.unique(samples * vocab + self.indices.reshape(-1), return_inverse=True)
+        codes, inverse = torch.unique(self._sample_token_codes(), return_inverse=True)
         rows = torch.zeros(codes.numel(), self.weight.shape[1], dtype=torch.float64, device=self.indices.device)
         rows.index_add_(0, inverse, self.backprops.reshape(batch * tokens, -1).to(torch.float64))
         return codes // vocab, codes % vocab, rows
@@ -64,9 +69,8 @@ class EmbeddingBlock(GradientBlock):
     def per_sample(self) -> list[Tensor]:
         batch, tokens = self.indices.shape
         vocab, dim = self.weight.shape
-        samples = torch.arange(batch, device=self.indices.device).repeat_interleave(tokens)
         grads = torch.zeros(batch * vocab, dim, dtype=self.weight.dtype, device=self.weight.device)
-        grads.index_add_(0, samples * vocab + self.indices.reshape(-1), self.backprops.reshape(batch * tokens, dim))
+        grads.index_add_(0, self._sample_token_codes(), self.backprops.reshape(batch * tokens, dim))
         return [grads.view(batch, vocab, dim)]
 
     def gathered(self, gather: Callable[[Tensor], Tensor]) -> GradientBlock:
