@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sven.bench.results import environment, write_json
 from sven.nn import SvenWrapper
 from sven.opt import Sven
-from sven.opt.pinv import pinv_direction, truncated_spectrum
+from sven.opt.pinv import truncated_spectrum
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TORCH_PATH_BUDGET_S = 60.0
@@ -222,7 +222,7 @@ def phase_times(
     times.append(timed(operator.gram, device))
     spectra = []
     times.append(timed(lambda: spectra.append(truncated_spectrum(operator, "gram", k, RTOL)), device))
-    times.append(timed(lambda: pinv_direction(spectra[0], operator, residuals), device))
+    times.append(timed(lambda: spectra[0].direction(operator, residuals), device))
     times.append(timed(lambda: torch.linalg.eigh(operator.gram()), device))
     return times, type(spectra[0]).__name__
 

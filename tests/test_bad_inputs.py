@@ -24,7 +24,7 @@ ENGINES = ["gram", "functorch"]
 def stepped_optimizer(model: nn.Module, engine: str = "gram", **options) -> tuple[SvenWrapper, Sven]:
     """A wrapper and an optimizer with RMSProp and momentum buffers already filled by one good step."""
     wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
-    optimizer = Sven(wrapped, use_rmsprop=True, mu_rmsprop=0.5, **options)
+    optimizer = Sven(wrapped, rmsprop="pre", momentum=0.5, **options)
     optimizer.step(make_batch(8, model[0].in_features, model[-1].out_features, seed=7))
     return wrapped, optimizer
 

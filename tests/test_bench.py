@@ -100,7 +100,7 @@ def test_grids_live_in_one_table_and_resolve_the_batch_size() -> None:
     assert sorted({c["k"] for c in configurations}) == [1, 2, 4, 8, 16, 32]
     assert sorted({c["k"] for c in grid_settings("sven", "regression", 64)}) == [1, 2, 4, 8, 16, 32, 64]
     assert {c["lr"] for c in grid_settings("sven", "cross_entropy", 64)} == {1.0, 10.0, 50.0, 100.0}
-    assert all(c["use_rmsprop"] for c in grid_settings("sven", "cross_entropy", 64))
+    assert all(c["rmsprop"] == "pre" for c in grid_settings("sven", "cross_entropy", 64))
     assert len(grid_settings("lbfgs", "regression", 32)) == 3 * 4 * 4
     assert default_settings("sven", "regression", 64)["k"] == 64
     assert sweep_values("k", 32) == [1, 2, 4, 8, 16, 32]

@@ -124,7 +124,7 @@ SCENARIOS = {
     ),
     "adaptive_damping": Scenario("mlp", (6, 4), dict(engine="gram"), dict(lr=1.0, k=8, damping="adaptive")),
     "rmsprop_momentum": Scenario(
-        "mlp", (6, 4), dict(engine="gram"), dict(lr=0.5, k=8, use_rmsprop=True, mu_rmsprop=0.5)
+        "mlp", (6, 4), dict(engine="gram"), dict(lr=0.5, k=8, rmsprop="pre", momentum=0.5)
     ),
     "variable_k": Scenario("mlp", (6, 4), dict(engine="gram"), dict(lr=1.0, k=8, variable_k=True)),
     "embedding_microbatch": Scenario("embedding", (6, 4), dict(engine="gram", microbatch_size=2), dict(lr=0.5, k=8)),

@@ -109,11 +109,30 @@ def test_step_needs_a_loss_and_grad_first() -> None:
         optimizer.step()
 
 
-def test_step_takes_no_closure() -> None:
+def test_step_runs_a_closure_and_returns_what_it_returned() -> None:
+    """step(closure) — the form LBFGS loops and Lightning use — equals loss_and_grad then step()."""
+    batch = make_batch(8, 3, 2)
+    by_closure, by_call = wrapped_mlp(), wrapped_mlp()
+    optimizer = Sven(by_closure, lr=0.5)
+
+    def closure() -> Tensor:
+        losses, _ = by_closure.loss_and_grad(batch)
+        return losses.mean()
+
+    returned = optimizer.step(closure)
+    assert torch.equal(returned, by_call.loss_and_grad(batch)[0].mean())
+    Sven(by_call, lr=0.5).step()
+    assert all(torch.equal(a, b) for a, b in zip(by_closure.model.parameters(), by_call.model.parameters()))
+    assert optimizer.step(closure=closure).shape == ()
+
+
+def test_a_closure_that_computes_no_jacobian_or_comes_with_a_batch_is_refused() -> None:
     wrapped = wrapped_mlp()
-    wrapped.loss_and_grad(make_batch(8, 3, 2))
-    with pytest.raises(TypeError, match="takes no closure"):
-        Sven(wrapped).step(closure=lambda: torch.tensor(0.0))
+    batch = make_batch(8, 3, 2)
+    with pytest.raises(RuntimeError, match=r"in the closure passed to step\(closure\)"):
+        Sven(wrapped).step(lambda: torch.tensor(0.0))
+    with pytest.raises(TypeError, match="a batch or a closure, not both"):
+        Sven(wrapped).step(batch, closure=lambda: wrapped.loss_and_grad(batch))
 
 
 def mse_with_nan_gradient_where_scale_is_zero(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from reference import EPS64, reference_direction, reference_residuals_and_jacobi
 from sven.jacobian import DenseJacobian
 from sven.nn import SvenWrapper
 from sven.opt import Sven
-from sven.opt.pinv import pinv_direction, truncated_spectrum
+from sven.opt.pinv import truncated_spectrum
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -163,5 +163,5 @@ def test_lobpcg_with_k_above_the_rank_takes_the_reference_step() -> None:
     operator = DenseJacobian(matrix)
     spectrum = truncated_spectrum(operator, "lobpcg", 8, 1e-3)
     assert spectrum.rank_kept == 4
-    direction = pinv_direction(spectrum, operator, residuals)
+    direction = spectrum.direction(operator, residuals)
     assert relative_error(direction, reference_direction(matrix, residuals, 8, 1e-3)) <= TOLERANCE[torch.float64]

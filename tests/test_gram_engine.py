@@ -21,7 +21,8 @@ from sven.jacobian.blocks import OuterProductBlock
 from sven.jacobian.layers.embedding import EmbeddingBlock
 from sven.nn import SvenWrapper
 from sven.opt import Sven
-from sven.opt.pinv import CertifiedGramSpectrum, certify_nothing_cut, pinv_direction, truncated_spectrum
+from sven.opt.pinv import truncated_spectrum
+from sven.opt.spectrum import CertifiedGramSpectrum, certify_nothing_cut
 
 GRAM_TOLERANCE = 1e-10
 STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -307,7 +308,7 @@ def test_gram_route_certifies_only_when_nothing_is_cut(
     spectrum = truncated_spectrum(operator, "gram", k, rtol)
     assert isinstance(spectrum, CertifiedGramSpectrum) == certified
     assert certified == (k >= batch_size and bool(sigma[-1] > max(rtol, 1e-7) * sigma[0]))
-    direction = pinv_direction(spectrum, operator, residuals)
+    direction = spectrum.direction(operator, residuals)
     assert relative_error(direction, reference_direction(jacobian, residuals, k, rtol)) <= 1e-9
     assert spectrum.rank_kept == min(k, int((sigma > max(rtol, 1e-7) * sigma[0]).sum()))
     assert relative_error(spectrum.sigma, sigma[: spectrum.rank_kept]) <= 1e-10
@@ -329,7 +330,7 @@ def test_certified_route_solves_the_damped_system_exactly(
     calls = []
     cholesky = torch.linalg.cholesky
     monkeypatch.setattr(torch.linalg, "cholesky", lambda matrix: calls.append(1) or cholesky(matrix))
-    assert relative_error(pinv_direction(spectrum, operator, residuals, damping), expected) <= 1e-10
+    assert relative_error(spectrum.direction(operator, residuals, damping), expected) <= 1e-10
     assert len(calls) == factorisations
 
 

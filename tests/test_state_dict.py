@@ -16,11 +16,11 @@ from sven import Sven, SvenWrapper
 CONFIGS = {
     "gram_adaptive_rmsprop_momentum": dict(
         wrapper=dict(engine="gram", kappa=1.0),
-        optimizer=dict(lr=0.5, k=5, rtol=1e-4, damping="adaptive", use_rmsprop=True, mu_rmsprop=0.3),
+        optimizer=dict(lr=0.5, k=5, rtol=1e-4, damping="adaptive", rmsprop="pre", momentum=0.3),
     ),
     "functorch_param_fraction_rmsprop_post": dict(
         wrapper=dict(engine="functorch", param_fraction=0.5, microbatch_size=2),
-        optimizer=dict(lr=0.3, k=3, svd_mode="torch", use_rmsprop=True, rmsprop_post=True, mu_rmsprop=0.5),
+        optimizer=dict(lr=0.3, k=3, svd_mode="torch", rmsprop="post", momentum=0.5),
     ),
 }
 

@@ -84,6 +84,33 @@ def test_old_option_names_reproduce_the_recorded_trajectory(name: str) -> None:
         assert error <= TOLERANCE, f"{name}: step {step + 1} differs by {float(error):.2e} of the distance moved"
 
 
+NEW_NAMES = {"mu_rmsprop": "momentum", "alpha_rmsprop": "rmsprop_alpha", "eps_rmsprop": "rmsprop_eps"}
+
+
+def with_new_names(options: dict[str, Any]) -> dict[str, Any]:
+    """The same options under the current names (rmsprop=None | "pre" | "post", momentum, rmsprop_alpha/eps)."""
+    renamed = {NEW_NAMES.get(key, key): value for key, value in options.items()
+               if key not in ("use_rmsprop", "rmsprop_post")}
+    if options.get("use_rmsprop"):
+        renamed["rmsprop"] = "post" if options.get("rmsprop_post") else "pre"
+    return renamed
+
+
+@pytest.mark.parametrize("name", [name for name, options in OPTION_SETS.items()
+                                  if with_new_names(options["optimizer"]) != options["optimizer"]])
+def test_new_option_names_take_bit_identical_steps_and_old_names_warn(name: str) -> None:
+    old = OPTION_SETS[name]
+    new = {"wrapper": old["wrapper"], "optimizer": with_new_names(old["optimizer"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        new_trajectory = trajectory(new)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old_trajectory = trajectory(old)
+    assert any(w.category is DeprecationWarning and "deprecated; use" in str(w.message) for w in caught)
+    assert new_trajectory == old_trajectory
+
+
 if __name__ == "__main__":
     DATA.parent.mkdir(exist_ok=True)
     DATA.write_text(json.dumps({name: trajectory(options) for name, options in OPTION_SETS.items()}, indent=0))

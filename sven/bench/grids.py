@@ -30,7 +30,7 @@ HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     "sven:cross_entropy": {
         "default": {"lr": 0.1, "k": "B", "rtol": 1e-3},
         "grid": {"lr": (1.0, 10.0, 50.0, 100.0), "k": (1, 2, 4, 8, 16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2),
-                 "use_rmsprop": (True,)},
+                 "rmsprop": ("pre",)},
     },
     "sven-gn": {
         "default": {"lr": 0.1, "k": "B", "rtol": 1e-3, "kappa": 1},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,15 +37,11 @@ class SvenStepper:
     def __init__(self, model: nn.Module, task: Task, device: torch.device, settings: dict[str, Any]) -> None:
         wrapper_settings = {key: value for key, value in settings.items() if key in WRAPPER_SETTINGS}
         optimizer_settings = {key: value for key, value in settings.items() if key not in WRAPPER_SETTINGS}
-        accepted = inspect.signature(Sven).parameters
-        unknown = sorted(set(optimizer_settings) - set(accepted))
-        if unknown:
-            raise OptimizerUnavailable(
-                f"this version of sven.opt.Sven has no option {', '.join(unknown)} "
-                f"(it accepts {', '.join(name for name in accepted if name != 'wrapped')})"
-            )
         self.wrapped = SvenWrapper(model, task.per_sample_loss, device, **wrapper_settings)
-        self.optimizer = Sven(self.wrapped, **optimizer_settings)
+        try:
+            self.optimizer = Sven(self.wrapped, **optimizer_settings)
+        except TypeError as error:
+            raise OptimizerUnavailable(f"this version of sven.opt.Sven refuses these settings: {error}") from error
 
     def step(self, x: Tensor, y: Tensor) -> float:
         losses, _ = self.wrapped.loss_and_grad((x, y))
@@ -55,7 +50,7 @@ class SvenStepper:
 
     def singular_values(self) -> list[float] | None:
         """The singular values the last step kept (descending), from ``optimizer.last_step``."""
-        sigma = self.optimizer.last_step.get("singular_values")
+        sigma = self.optimizer.last_step.get("kept_singular_values")
         return None if sigma is None else [float(value) for value in sigma]
 
 

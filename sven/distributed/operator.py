@@ -70,9 +70,6 @@ class DistributedJacobian(JacobianOperator):
             self._replica = gathered_operator(self.local, lambda _: next(gathered), self.layout.total)
         return self._replica
 
-    @property
-    def materialised(self) -> bool:
-        return self.local.materialised
 
     def _compute_gram(self) -> Tensor:
         return self.replica().gram()

@@ -52,10 +52,6 @@ class JacobianOperator(ABC):
     def dense(self) -> Tensor:
         """M itself, shape (rows, cols), in the operator's dtype (may materialise it)."""
 
-    @property
-    def materialised(self) -> bool:
-        """Whether ``dense()`` is free (the engine already holds M)."""
-        return False
 
     def nonfinite_rows(self) -> Tensor:
         """Boolean mask (rows,): rows of M holding a NaN or Inf."""
@@ -73,9 +69,6 @@ class DenseJacobian(JacobianOperator):
         self.dtype = matrix.dtype
         self.device = matrix.device
 
-    @property
-    def materialised(self) -> bool:
-        return True
 
     def _compute_gram(self) -> Tensor:
         m64 = self.matrix.to(torch.float64)
@@ -113,9 +106,6 @@ class RowTransformedJacobian(JacobianOperator):
         self.dtype = base.dtype
         self.device = base.device
 
-    @property
-    def materialised(self) -> bool:
-        return self.base.materialised
 
     def _compute_gram(self) -> Tensor:
         return self.row_map @ self.base.gram() @ self.row_map.T

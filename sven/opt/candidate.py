@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
 from sven.nn.wrapper import SvenWrapper
-from sven.opt.pinv import Spectrum, pinv_direction
+from sven.opt.spectrum import Spectrum
 
 
 class CandidateSteps:
@@ -45,7 +45,7 @@ class CandidateSteps:
 
     def update(self, spectrum: Spectrum, damping: float) -> Tensor:
         """b for the kept triplets of ``spectrum`` filtered with λ = ``damping``: (n,), or (P,) with momentum."""
-        direction = pinv_direction(spectrum, self.operator, self.residuals, damping)
+        direction = spectrum.direction(self.operator, self.residuals, damping)
         if self.direction_scaling is not None:
             direction = self.direction_scaling(direction)
         if self.momentum is None:

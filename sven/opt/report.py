@@ -5,18 +5,24 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from sven.opt.pinv import Spectrum
+from sven.opt.spectrum import Spectrum
 
-SPECTRUM_KEYS = ("singular_values", "sigma_max", "rtol_cut")
+SPECTRUM_KEYS = ("kept_singular_values", "sigma_max", "rtol_cut")
 
 
 def spectrum_entries(spectrum: Spectrum) -> dict[str, Any]:
     """Singular values kept (r,) on the CPU, σ_max and the absolute cut rtol·σ_max of a spectrum."""
     return {
-        "singular_values": spectrum.sigma.cpu(),
+        "kept_singular_values": spectrum.sigma.cpu(),
         "sigma_max": spectrum.sigma_max,
         "rtol_cut": spectrum.rtol_used * spectrum.sigma_max,
     }
+
+
+def history_entry(step: int, spectrum: Spectrum) -> dict[str, Any]:
+    """One ``Sven.svd_history`` entry: the kept and all computed singular values of a step's spectrum."""
+    return {"step": step, "rank_kept": spectrum.rank_kept, **spectrum_entries(spectrum),
+            "all_singular_values": spectrum.sigma_all.cpu()}
 
 
 class StepReport(Mapping[str, Any]):
@@ -24,7 +30,7 @@ class StepReport(Mapping[str, Any]):
 
     The entries in ``SPECTRUM_KEYS`` come from the step's spectrum the first time one of
     them is read: a Gram solve that needed no eigendecomposition (see
-    ``sven.opt.pinv.CertifiedGramSpectrum``) then pays for one only when asked.
+    ``sven.opt.spectrum.CertifiedGramSpectrum``) then pays for one only when asked.
     """
 
     def __init__(self, entries: dict[str, Any], spectrum: Spectrum | None = None) -> None:

@@ -15,10 +15,15 @@ moves it by at most about r·√v_j / |M_ij|.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
+
+BUFFER_DTYPE = torch.float64
+"""dtype of the flat RMSProp and momentum buffers, whatever the model's dtype."""
 
 
 def updated_square_average(square_avg: Tensor, values: Tensor, alpha: float) -> Tensor:
@@ -67,10 +72,6 @@ class ColumnScaledJacobian(JacobianOperator):
         self.dtype = base.dtype
         self.device = base.device
 
-    @property
-    def materialised(self) -> bool:
-        return self.base.materialised
-
     def _scale_like(self, values: Tensor) -> Tensor:
         scale = self.scale.to(values.dtype)
         return scale if values.dim() == 1 else scale[:, None]
@@ -91,3 +92,44 @@ class ColumnScaledJacobian(JacobianOperator):
 
     def nonfinite_rows(self) -> Tensor:
         return self.base.nonfinite_rows()
+
+
+@dataclass
+class RMSPropStep:
+    """RMSProp's part of one step: the operator to solve on and how candidate directions are scaled.
+
+    ``operator`` is M, or M·D under pre-scaling; ``direction_scaling`` is the post-scaling
+    of each candidate direction, or None; ``pre_square_avg`` the running average (P,) a
+    pre-scaled step leaves, or None.
+    """
+
+    operator: JacobianOperator
+    direction_scaling: UpdateScaling | None = None
+    pre_square_avg: Tensor | None = None
+
+    def square_avg_after(self, update_applied: bool) -> Tensor | None:
+        """The running average (P,) to keep after the step, or None to keep the previous one."""
+        if self.direction_scaling is not None:
+            return self.direction_scaling.square_avg if update_applied else None
+        return self.pre_square_avg
+
+
+def rmsprop_step(mode: str | None, operator: JacobianOperator, square_avg: Tensor | None, size: int,
+                 columns: Tensor | None, alpha: float, eps: float) -> RMSPropStep:
+    """Prepare RMSProp ``mode`` (None, "pre" or "post") for a step on ``operator`` (G, n).
+
+    ``square_avg`` is the flat running average (P,) float64 of the previous steps (None
+    before the first: zeros); ``columns`` the flat indices (n,) the operator covers, or None.
+    Pre-scaling averages the squared mean Jacobian row g = Mᵀ1 / G, the gradient of mean(r).
+    """
+    if mode is None:
+        return RMSPropStep(operator)
+    previous = square_avg if square_avg is not None else torch.zeros(size, dtype=BUFFER_DTYPE, device=operator.device)
+    if mode == "post":
+        return RMSPropStep(operator, UpdateScaling(previous, columns, alpha, eps))
+    ones = torch.ones(operator.shape[0], dtype=BUFFER_DTYPE, device=operator.device)
+    gradient = operator.rmatmul(ones).to(BUFFER_DTYPE) / operator.shape[0]
+    current = previous if columns is None else previous[columns]
+    updated = updated_square_average(current, gradient, alpha)
+    new_buffer = updated if columns is None else previous.index_copy(0, columns, updated)
+    return RMSPropStep(ColumnScaledJacobian(operator, column_scale(updated, eps)), pre_square_avg=new_buffer)

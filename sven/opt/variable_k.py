@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sven.opt.pinv import Spectrum
 
-
-def leading(spectrum: Spectrum, rank: int) -> Spectrum:
-    """The same spectrum with only its ``rank`` largest kept triplets."""
-    v = None if spectrum.v is None else spectrum.v[:, :rank]
-    return Spectrum(spectrum.u[:, :rank], spectrum.sigma[:rank], v, spectrum.sigma_all, spectrum.rtol_used)
-
-
-def greedy_rank(spectrum: Spectrum, loss_with_rank: Callable[[int], float]) -> int:
+def greedy_rank(rank_kept: int, loss_with_rank: Callable[[int], float]) -> int:
     """The rank (1 … rank_kept) after which adding the next direction first raises the batch loss.
 
     ``loss_with_rank(j)`` is the batch loss after the step built from the j leading
@@ -21,7 +13,7 @@ def greedy_rank(spectrum: Spectrum, loss_with_rank: Callable[[int], float]) -> i
     stops at the first j whose loss is not below the loss of j − 1.
     """
     best_rank, best_loss = 1, loss_with_rank(1)
-    for rank in range(2, spectrum.rank_kept + 1):
+    for rank in range(2, rank_kept + 1):
         loss = loss_with_rank(rank)
         if not loss < best_loss:
             break

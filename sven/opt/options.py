@@ -1,0 +1,153 @@
+"""The settings of one Sven step: one frozen, validated description, shared by every param group.
+
+``StepSettings`` lists every option once (name, default, check). ``Sven`` stores its
+fields in each param group (torch's ``defaults``), so schedulers and ``state_dict`` see
+them, and rebuilds a ``StepSettings`` from the groups at each step, which re-validates
+whatever a user wrote into ``param_groups``. Deprecated spellings are translated by
+``translate_deprecated``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from sven.opt.damping import DampingSchedule
+from sven.opt.pinv import SVD_MODES, SolverOptions
+
+RMSPROP_MODES = (None, "pre", "post")
+
+DEPRECATED_NAMES = {
+    "mu_rmsprop": "momentum",
+    "alpha_rmsprop": "rmsprop_alpha",
+    "eps_rmsprop": "rmsprop_eps",
+}
+"""Old option name → new name, for options that only changed their name."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Every option of a Sven step but ``lr`` (which may differ per param group).
+
+    Attributes:
+        k: maximal number of singular values kept (≥ 1).
+        rtol: relative cut on σ / σ_max (≥ 0).
+        svd_mode: one of ``sven.opt.pinv.SVD_MODES``.
+        oversampling, power_iterations: for the randomized modes (≥ 0).
+        damping: λ ≥ 0 (each kept σ filtered as σ/(σ² + λ)) or "adaptive".
+        damping_init, damping_increase, damping_decrease, damping_min, damping_max, max_tries:
+            the adaptive schedule (see ``sven.opt.damping``).
+        rmsprop: None, "pre" (step (M D)⁺ r with RMSProp column scales D) or "post"
+            (the update divided by its own running RMS).
+        rmsprop_alpha, rmsprop_eps: RMSProp's averaging factor in [0, 1) and ε > 0.
+        momentum: heavy-ball factor μ in [0, 1) on the update (0: off).
+        variable_k: greedy rank search on the batch loss.
+    """
+
+    k: int = 64
+    rtol: float = 1e-3
+    svd_mode: str = "auto"
+    oversampling: int = 5
+    power_iterations: int = 1
+    damping: float | Literal["adaptive"] = 0.0
+    damping_init: float = 1e-3
+    damping_increase: float = 10.0
+    damping_decrease: float = 0.1
+    damping_min: float = 1e-10
+    damping_max: float = 1e10
+    max_tries: int = 10
+    rmsprop: Literal["pre", "post"] | None = None
+    rmsprop_alpha: float = 0.99
+    rmsprop_eps: float = 1e-8
+    momentum: float = 0.0
+    variable_k: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"k must be an integer >= 1; got {self.k!r}")
+        if not self.rtol >= 0:
+            raise ValueError(f"rtol must be >= 0; got {self.rtol}")
+        if self.svd_mode not in SVD_MODES:
+            raise ValueError(f"unknown svd_mode {self.svd_mode!r}; expected one of {', '.join(SVD_MODES)}")
+        if self.oversampling < 0 or self.power_iterations < 0:
+            raise ValueError(
+                f"oversampling and power_iterations must be >= 0; got {self.oversampling}, {self.power_iterations}"
+            )
+        if not (self.adaptive or (isinstance(self.damping, (int, float)) and self.damping >= 0)):
+            raise ValueError(f"damping must be a number >= 0 or 'adaptive'; got {self.damping!r}")
+        if self.adaptive and self.variable_k:
+            raise ValueError("variable_k and damping='adaptive' both search the step on the batch loss; pick one")
+        if not self.damping_init > 0:
+            raise ValueError(f"damping_init must be > 0; got {self.damping_init}")
+        self.schedule  # noqa: B018 (building the schedule validates its fields)
+        if self.rmsprop not in RMSPROP_MODES:
+            raise ValueError(f"rmsprop must be one of {RMSPROP_MODES}; got {self.rmsprop!r}")
+        if not 0 <= self.rmsprop_alpha < 1:
+            raise ValueError(f"rmsprop_alpha must be in [0, 1); got {self.rmsprop_alpha}")
+        if not self.rmsprop_eps > 0:
+            raise ValueError(f"rmsprop_eps must be > 0; got {self.rmsprop_eps}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1); got {self.momentum}")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether λ is searched on the batch loss (``damping="adaptive"``)."""
+        return self.damping == "adaptive"
+
+    @property
+    def fixed_damping(self) -> float:
+        """λ of a non-adaptive step."""
+        return 0.0 if self.adaptive else float(self.damping)
+
+    @property
+    def schedule(self) -> DampingSchedule:
+        return DampingSchedule(self.damping_increase, self.damping_decrease, self.damping_min, self.damping_max,
+                               self.max_tries)
+
+    @property
+    def solver_options(self) -> SolverOptions:
+        return SolverOptions(self.oversampling, self.power_iterations)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in fields(cls))
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> StepSettings:
+        """The settings stored in a param group (validated again: users may edit param_groups)."""
+        return cls(**{name: group[name] for name in cls.names()})
+
+
+def translate_deprecated(options: dict[str, Any], stacklevel: int = 3) -> dict[str, Any]:
+    """``options`` with deprecated names replaced by the current ones, each with a DeprecationWarning.
+
+    ``use_rmsprop`` / ``rmsprop_post`` become ``rmsprop=None | "pre" | "post"``; ``mu_rmsprop``,
+    ``alpha_rmsprop`` and ``eps_rmsprop`` become ``momentum``, ``rmsprop_alpha``, ``rmsprop_eps``.
+    """
+    options = dict(options)
+    for old, new in DEPRECATED_NAMES.items():
+        if old in options:
+            if new in options:
+                raise ValueError(f"got both {old!r} (deprecated) and {new!r}; pass only {new!r}")
+            warnings.warn(f"Sven option {old!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=stacklevel)
+            options[new] = options.pop(old)
+    if "use_rmsprop" in options or "rmsprop_post" in options:
+        if "rmsprop" in options:
+            raise ValueError("got both use_rmsprop/rmsprop_post (deprecated) and rmsprop; pass only rmsprop")
+        use, post = bool(options.pop("use_rmsprop", False)), bool(options.pop("rmsprop_post", False))
+        if post and not use:
+            raise ValueError("rmsprop_post=True chooses where the RMSProp scaling acts; it needs use_rmsprop=True")
+        options["rmsprop"] = ("post" if post else "pre") if use else None
+        warnings.warn(f"Sven options 'use_rmsprop'/'rmsprop_post' are deprecated; use rmsprop={options['rmsprop']!r}",
+                      DeprecationWarning, stacklevel=stacklevel)
+    return options
+
+
+def settings_from_options(options: dict[str, Any]) -> StepSettings:
+    """A validated ``StepSettings`` from keyword options (current names); unknown names are a TypeError."""
+    unknown = sorted(set(options) - set(StepSettings.names()))
+    if unknown:
+        raise TypeError(f"Sven got unknown option(s) {unknown}; expected lr, params, track_svd_info or one of "
+                        f"{', '.join(StepSettings.names())}")
+    return StepSettings(**options)

@@ -1,0 +1,77 @@
+"""Step search: pick the update of one step from its spectrum — as solved, by adaptive λ, or by greedy rank.
+
+Each search builds candidate updates with ``CandidateSteps`` (which applies and undoes
+them exactly) and leaves the chosen one applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sven.opt.candidate import CandidateSteps
+from sven.opt.damping import search_damping
+from sven.opt.options import StepSettings
+from sven.opt.spectrum import Spectrum
+from sven.opt.variable_k import greedy_rank
+
+
+@dataclass
+class SearchOutcome:
+    """The update left applied (None: none was), the spectrum it came from, and what the search did.
+
+    ``failure`` says why no update was applied when that leaves the step skipped;
+    ``next_damping`` is the adaptive λ for the next step (None when λ is fixed).
+    """
+
+    update: Tensor | None
+    spectrum: Spectrum
+    report: dict[str, Any] = field(default_factory=dict)
+    next_damping: float | None = None
+    failure: str | None = None
+
+
+def search_step(candidates: CandidateSteps, spectrum: Spectrum, settings: StepSettings, damping: float,
+                mean_loss: float) -> SearchOutcome:
+    """Choose and apply the step's update; ``damping`` is the adaptive λ to start from, ``mean_loss`` the batch's."""
+    if settings.adaptive:
+        return adaptive_step(candidates, spectrum, settings, damping, mean_loss)
+    if settings.variable_k:
+        spectrum = greedy_spectrum(candidates, spectrum, settings.fixed_damping)
+    update = candidates.update(spectrum, settings.fixed_damping)
+    if not bool(torch.isfinite(update).all()):
+        return SearchOutcome(None, spectrum, failure="the solver returned a non-finite direction")
+    candidates.apply(update)
+    return SearchOutcome(update, spectrum, {"damping": settings.fixed_damping, "tries": 1, "accepted": True})
+
+
+def adaptive_step(candidates: CandidateSteps, spectrum: Spectrum, settings: StepSettings, damping: float,
+                  mean_loss: float) -> SearchOutcome:
+    """Try λ, 10λ, … from one spectrum until the batch loss falls below ``mean_loss``."""
+    tried: list[Tensor] = []
+
+    def try_step(damping: float) -> bool:
+        tried.append(candidates.update(spectrum, damping))
+        if bool(torch.isfinite(tried[-1]).all()) and candidates.loss_after(tried[-1]) < mean_loss:
+            return True
+        candidates.undo()
+        return False
+
+    outcome = search_damping(settings.schedule, damping, try_step)
+    report = {"damping": outcome.damping_used, "tries": outcome.tries, "accepted": outcome.accepted,
+              "next_damping": outcome.next_damping}
+    return SearchOutcome(tried[-1] if outcome.accepted else None, spectrum, report, outcome.next_damping)
+
+
+def greedy_spectrum(candidates: CandidateSteps, spectrum: Spectrum, damping: float) -> Spectrum:
+    """``spectrum`` cut to the rank ``greedy_rank`` picks (one forward pass per rank tried)."""
+
+    def loss_with_rank(rank: int) -> float:
+        loss = candidates.loss_after(candidates.update(spectrum.leading(rank), damping))
+        candidates.undo()
+        return loss
+
+    return spectrum.leading(greedy_rank(spectrum.rank_kept, loss_with_rank))

@@ -1,0 +1,46 @@
+"""Spectral solve of one step: the truncated spectrum by the chosen solver, with the float64 SVD as fallback."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from sven.jacobian.operator import JacobianOperator
+from sven.opt.options import StepSettings
+from sven.opt.pinv import resolve_mode, truncated_spectrum
+from sven.opt.spectrum import Spectrum
+
+
+@dataclass(frozen=True)
+class SolveOutcome:
+    """The spectrum (None when every route failed), the solver that produced it, and a note on any fallback."""
+
+    spectrum: Spectrum | None
+    mode: str
+    note: str | None = None
+
+
+def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator: torch.Generator | None
+                   ) -> SolveOutcome:
+    """Truncated spectrum of M (rows, cols) by ``settings.svd_mode``; an eigensolver failure falls back to "torch"."""
+    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol)
+
+    def solve(name: str) -> Spectrum:
+        return truncated_spectrum(operator, name, settings.k, settings.rtol, settings.solver_options, generator)
+
+    try:
+        return SolveOutcome(solve(mode), mode)
+    except torch.linalg.LinAlgError as error:
+        failure = f"svd_mode {mode!r} failed ({str(error).splitlines()[0]})"
+    if mode == "torch":
+        return SolveOutcome(None, mode, failure)
+    try:
+        spectrum = solve("torch")
+    except torch.linalg.LinAlgError as error:
+        return SolveOutcome(None, "torch",
+                            f"{failure} and its float64 SVD fallback failed too ({str(error).splitlines()[0]})")
+    note = f"{failure}; fell back to the float64 SVD of M (svd_mode 'torch')"
+    warnings.warn(f"Sven: {note}", RuntimeWarning, stacklevel=4)
+    return SolveOutcome(spectrum, "torch", note)

@@ -1,0 +1,210 @@
+"""Truncated spectra of a Jacobian operator M, each applying its own (filtered) pseudoinverse.
+
+A solver in ``sven.opt.pinv`` returns a ``Spectrum``: the kept singular values and
+whatever it needs to apply M⁺ (or the Tikhonov-filtered σ/(σ² + λ)) to residuals.
+The numerical floor of a route — the σ / σ_max below which its arithmetic cannot
+resolve a value — enters the cut in one place, ``effective_rtol``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from sven.jacobian.operator import JacobianOperator
+
+FLOAT64_EPS = float(torch.finfo(torch.float64).eps)
+
+
+def svd_floor(shape: tuple[int, int]) -> float:
+    """Relative σ an SVD of M (rows, cols) resolves in float64: max(rows, cols)·ε."""
+    return max(shape) * FLOAT64_EPS
+
+
+def eig_floor(size: int) -> float:
+    """Relative σ an eigendecomposition of a (size, size) Gram matrix resolves: √(size·ε) (it squares σ)."""
+    return (max(size, 1) * FLOAT64_EPS) ** 0.5
+
+
+def effective_rtol(rtol: float, floor: float) -> float:
+    """The relative cut a route applies: the requested rtol, never below the route's floor."""
+    return max(rtol, floor)
+
+
+class Spectrum(ABC):
+    """The kept part of M's SVD and how to apply the pseudoinverse it defines.
+
+    ``sigma`` (r,) holds the kept singular values, descending; ``sigma_all`` every value
+    the solver computed, descending; ``rtol_used`` the relative cut applied.
+    """
+
+    sigma: Tensor
+    sigma_all: Tensor
+    rtol_used: float
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma_all[0]) if self.sigma_all.numel() else 0.0
+
+    @property
+    def rank_kept(self) -> int:
+        return int(self.sigma.numel())
+
+    @abstractmethod
+    def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
+        """M⁺ r for residuals r (rows,) float64, shape (cols,), in the operator's dtype.
+
+        With ``damping`` λ > 0 each kept σ contributes σ/(σ² + λ) instead of 1/σ.
+        """
+
+    @abstractmethod
+    def leading(self, rank: int) -> Spectrum:
+        """The same spectrum with only its ``rank`` largest kept values."""
+
+
+@dataclass
+class TruncatedSpectrum(Spectrum):
+    """M ≈ U diag(σ) Vᵀ on the kept triplets (float64): ``u`` (rows, r), ``v`` (cols, r) or None.
+
+    ``v`` is None on eigen-routes that never form it; M⁺r is then Mᵀ U diag(1/σ²) Uᵀ r.
+    """
+
+    u: Tensor
+    sigma: Tensor
+    v: Tensor | None
+    sigma_all: Tensor
+    rtol_used: float
+
+    def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
+        sigma = self.sigma
+        projected = self.u.T @ residuals.to(torch.float64)
+        inverse_sigma = sigma / (sigma**2 + damping) if damping > 0 else 1.0 / sigma
+        if self.v is not None:
+            return (self.v @ (inverse_sigma * projected)).to(op.dtype)
+        return op.rmatmul(self.u @ (inverse_sigma / sigma * projected))
+
+    def leading(self, rank: int) -> TruncatedSpectrum:
+        v = None if self.v is None else self.v[:, :rank]
+        return TruncatedSpectrum(self.u[:, :rank], self.sigma[:rank], v, self.sigma_all, self.rtol_used)
+
+
+def truncate(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float) -> TruncatedSpectrum:
+    """Sort descending, then keep at most k values with σ > effective_rtol(rtol, floor)·σ_max (and σ > 0).
+
+    ``u`` (rows, n), ``sigma`` (n,), ``v`` (cols, n) or None.
+    """
+    order = torch.argsort(sigma, descending=True)
+    sigma, u = sigma[order], u[:, order]
+    v = None if v is None else v[:, order]
+    rtol_used = effective_rtol(rtol, floor)
+    cut = rtol_used * float(sigma[0]) if sigma.numel() else 0.0
+    keep = int(((sigma > cut) & (sigma > 0)).sum().clamp(max=k))
+    return TruncatedSpectrum(u[:, :keep], sigma[:keep], None if v is None else v[:, :keep], sigma, rtol_used)
+
+
+def gram_eigh(gram: Tensor, k: int, rtol: float) -> TruncatedSpectrum:
+    """The truncated spectrum of M from ``eigh`` of its Gram matrix G = M Mᵀ (rows, rows) float64: σ = √λ."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    return truncate(eigenvectors, eigenvalues.clamp(min=0).sqrt(), None, k, rtol, eig_floor(gram.shape[0]))
+
+
+@dataclass(frozen=True)
+class GramCertificate:
+    """Proof that every eigenvalue of a Gram matrix G exceeds ``shift``: the Cholesky factor (n, n) of G − shift·I."""
+
+    shift: float
+    factor: Tensor
+
+
+REFINEMENT_TOLERANCE = 1e-12
+"""A refined solve stops once its last correction is below this fraction of the solution."""
+MAX_REFINEMENTS = 6
+SLOW_CONTRACTION = 0.1
+"""Refinement gives up (and factorises) when a correction is not below this fraction of the previous one."""
+
+
+def _identity_like(square: Tensor) -> Tensor:
+    return torch.eye(square.shape[0], dtype=square.dtype, device=square.device)
+
+
+def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | None:
+    """A proof that every eigenvalue of the Gram matrix G (n, n) exceeds (rtol_used·σ_max)², or None.
+
+    λ_max ≤ U = min(‖G‖_∞, ‖G‖_F), inflated to cover the rounding of these sums. A Cholesky
+    factorisation of G − τI with τ = rtol_used²·U + s·tr(G), s = 4(n + 2)ε, that succeeds in
+    floating point proves G − rtol_used²·U·I positive definite: the extra s·tr(G) exceeds the
+    factorisation's backward error (Rump, BIT 2006) and the error of an eigh of G, so the eigh
+    route would keep every value too. None proves nothing: the caller takes eigh.
+    """
+    slack = 4 * (gram.shape[0] + 2) * FLOAT64_EPS
+    row_sums = float(gram.abs().sum(dim=1).max())
+    upper = min(row_sums, float(torch.linalg.matrix_norm(gram))) * (1 + slack)
+    shift = rtol_used**2 * upper + slack * float(gram.diagonal().sum())
+    factor, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
+    return GramCertificate(shift, factor) if int(info) == 0 else None
+
+
+class CertifiedGramSpectrum(Spectrum):
+    """M Mᵀ proved to have every σ above the cut: nothing is truncated and M⁺r = Mᵀ (M Mᵀ)⁻¹ r.
+
+    The step solves with the certificate's Cholesky factor (rows × rows, float64). The
+    eigenvalues — the very values the eigh route returns — are computed by one eigh only
+    when something reads ``sigma`` or ``sigma_all`` (diagnostics) or cuts the spectrum.
+    """
+
+    def __init__(self, gram: Tensor, certificate: GramCertificate, rtol: float) -> None:
+        self.gram = gram
+        self.certificate = certificate
+        self.rtol = rtol
+        self.rtol_used = effective_rtol(rtol, eig_floor(gram.shape[0]))
+
+    @cached_property
+    def eigen(self) -> TruncatedSpectrum:
+        """The eigh route's spectrum of the same Gram matrix."""
+        return gram_eigh(self.gram, self.gram.shape[0], self.rtol)
+
+    @property
+    def sigma(self) -> Tensor:
+        return self.eigen.sigma
+
+    @property
+    def sigma_all(self) -> Tensor:
+        return self.eigen.sigma_all
+
+    @property
+    def rank_kept(self) -> int:
+        return self.gram.shape[0]
+
+    def leading(self, rank: int) -> TruncatedSpectrum:
+        return self.eigen.leading(rank)
+
+    def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
+        return op.rmatmul(self.solve(residuals.to(torch.float64), damping))
+
+    def solve(self, residuals: Tensor, damping: float = 0.0) -> Tensor:
+        """c = (G + damping·I)⁻¹ r for r (rows,) float64, G = M Mᵀ; returns (rows,) float64.
+
+        Iterative refinement on the certificate's factor of S = G − τI: each correction
+        S⁻¹(r − (G + damping·I) c) shrinks the error by (τ + damping)/λ_min(S), tiny when
+        the spectrum sits well above the cut. When the corrections do not fall below
+        ``REFINEMENT_TOLERANCE`` of c within ``MAX_REFINEMENTS``, or shrink by less than
+        ``SLOW_CONTRACTION`` per step, G + damping·I is factorised instead.
+        """
+        system = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
+        solve_shifted = lambda v: torch.cholesky_solve(v.unsqueeze(1), self.certificate.factor).squeeze(1)  # noqa: E731
+        solution = solve_shifted(residuals)
+        previous = float("inf")
+        for _ in range(MAX_REFINEMENTS):
+            correction = solve_shifted(residuals - system @ solution)
+            solution = solution + correction
+            size = float(correction.norm())
+            if size <= REFINEMENT_TOLERANCE * float(solution.norm()):
+                return solution
+            if size > SLOW_CONTRACTION * previous:
+                break
+            previous = size
+        return torch.cholesky_solve(residuals.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
