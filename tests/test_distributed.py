@@ -275,7 +275,7 @@ def two_shard_gather(shard_b: object) -> Callable[[Tensor], Tensor]:
 
 
 def block_test_case(kind: str) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
-    """Models whose blocks take each branch of ``gathered``, and an 8-sample batch."""
+    """Models whose blocks take each branch of ``gathered_block`` (factors or per-sample gradients), 8 samples."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(3)
     targets = torch.randn(8, 2, generator=generator, dtype=torch.float64)

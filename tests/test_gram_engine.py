@@ -16,8 +16,7 @@ from conftest import flat_parameters
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 from torch import Tensor, nn
 
-from sven.jacobian import GramEngine, GramJacobian, ParamSpace
-from sven.jacobian.blocks import OuterProductBlock
+from sven.jacobian import GradientBlock, GramEngine, GramJacobian, OuterProductBlock, ParamSpace, register_gram_rule
 from sven.jacobian.layers.embedding import EmbeddingBlock
 from sven.nn import SvenWrapper
 from sven.opt import Sven
@@ -252,13 +251,22 @@ def test_outer_product_block_takes_each_gram_form_exactly(tokens: int, d_in: int
     assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
 
 
-def test_batch_norm_in_train_mode_is_refused_naming_the_module() -> None:
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).to(torch.float64)
+class BiasForgettingLinear(nn.Linear):
+    """A Linear whose (deliberately wrong) Gram rule returns a block for the weight only."""
+
+
+@register_gram_rule(BiasForgettingLinear)
+def weight_only_blocks(layer: nn.Linear, activations: Tensor, backprops: Tensor) -> list[GradientBlock]:
+    return [OuterProductBlock(layer.weight, None, activations[:, None], backprops[:, None])]
+
+
+def test_a_rule_that_leaves_a_parameter_uncovered_is_an_error_naming_layer_and_parameter() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), BiasForgettingLinear(3, 2)).to(torch.float64)
     wrapped = SvenWrapper(model, per_sample_squared_error, engine="gram")
     batch = (torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) is in train mode.*eval.*GroupNorm"):
+    expected = r"rule for layer '2' \(BiasForgettingLinear\).*miss parameter\(s\) \['2.bias'\]"
+    with pytest.raises(RuntimeError, match=expected):
         wrapped.loss_and_grad(batch)
-
 
 
 @pytest.mark.parametrize(

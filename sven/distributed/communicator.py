@@ -168,6 +168,7 @@ class Communicator:
         if not bool((table == table[0]).all()):
             raise RuntimeError(
                 f"{what} differs between ranks (checksums differ); every rank must pass the same "
-                "tensor. The randomized svd modes draw their test matrix from torch's global RNG: seed it alike "
-                "on every rank (torch.manual_seed(seed) with the same seed), or use svd_mode='auto'."
+                "tensor. The randomized svd modes draw their test matrix from the optimizer's generator, seeded "
+                "from torch's global RNG at its first use: seed that alike on every rank (torch.manual_seed(seed) "
+                "with the same seed before the first step), or use svd_mode='auto'."
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -9,19 +10,34 @@ import torch
 from torch import Tensor
 
 from sven.distributed.communicator import Communicator, ShardLayout
-from sven.jacobian import DenseJacobian, GramJacobian, JacobianOperator
+from sven.jacobian import DenseJacobian, GradientBlock, GramJacobian, JacobianOperator, MaterializedBlock
 
 RowGather = Callable[[Tensor], Tensor]
+
+
+def gathered_block(block: GradientBlock, gather: RowGather) -> GradientBlock:
+    """``block`` over the global batch: its sample factors gathered, or its per-sample gradients if fewer.
+
+    A rank sends, per sample, the block's factors (e.g. T·(d_in + d_out) values for a Linear
+    over T positions) or its per-sample gradients (one value per parameter entry), whichever
+    are fewer; a tie sends the factors.
+    """
+    factors = block.sample_factors()
+    factor_values = sum(math.prod(factor.shape[1:]) for factor in factors)
+    if factor_values <= sum(param.numel() for param in block.params):
+        return block.with_sample_factors([gather(factor) for factor in factors])
+    return MaterializedBlock(block.params, [gather(grads) for grads in block.per_sample()])
 
 
 def gathered_operator(local: JacobianOperator, gather: RowGather, total_rows: int) -> JacobianOperator:
     """The operator over the global batch (total_rows, n) built from each rank's ``local`` one.
 
     ``gather`` maps a rank's (B_r, …) tensor to the ranks' tensors concatenated, (B_global, …).
-    A GramJacobian gathers each block's factors (``GradientBlock.gathered``), a DenseJacobian its rows.
+    A GramJacobian gathers each block (``gathered_block``), a DenseJacobian its rows.
     """
     if isinstance(local, GramJacobian):
-        return GramJacobian([block.gathered(gather) for block in local.blocks], local.params, total_rows)
+        return GramJacobian([gathered_block(block, gather) for block in local.blocks], local.params, total_rows,
+                            local.zero_params)
     if isinstance(local, DenseJacobian):
         return DenseJacobian(gather(local.dense()))
     raise TypeError(f"distributed Sven gathers a GramJacobian or a DenseJacobian; got {type(local).__name__}")

@@ -1,5 +1,6 @@
 """Jacobian engines and the linear-operator interface they share."""
 
+from sven.jacobian.blocks import GradientBlock, MaterializedBlock, OuterProductBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
 from sven.jacobian.functorch_engine import functorch_jacobian, per_sample_loss_grads
 from sven.jacobian.gram_engine import GramEngine, GramJacobian
@@ -9,9 +10,12 @@ from sven.jacobian.params import ParamSpace
 
 __all__ = [
     "DenseJacobian",
+    "GradientBlock",
     "GramEngine",
     "GramJacobian",
     "JacobianOperator",
+    "MaterializedBlock",
+    "OuterProductBlock",
     "ParamSpace",
     "RowTransformedJacobian",
     "check_no_batch_coupling",

@@ -7,12 +7,18 @@ having to know the layer type:
 - ``gram()``: the (B, B) float64 matrix ⟨g_i, g_j⟩;
 - ``weighted_sum(c)``: Σ_i c_i g_i, one tensor per parameter (the update Mᵀc);
 - ``per_sample()``: the g_i themselves, (B, *param.shape) per parameter.
+
+and exposes its factors — tensors with the sample on dim 0 from which the block is
+rebuilt (``sample_factors`` / ``with_sample_factors``) — so that code outside the
+engine (``sven.distributed``) can move a block's samples without knowing its type.
+Writing a Gram rule for a new layer type means returning these blocks (see
+docs/GRAM_ENGINE.md).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,13 +50,13 @@ class GradientBlock(ABC):
         totals = [sum(grads) for grads in zip(*(block.per_sample() for block in blocks))]
         return MaterializedBlock(blocks[0].params, totals)
 
-    def gathered(self, gather: Callable[[Tensor], Tensor]) -> GradientBlock:
-        """This block over the global batch of a process group (``sven.distributed``).
+    def sample_factors(self) -> tuple[Tensor, ...]:
+        """Tensors (B, …) that determine this block's per-sample gradients; by default the gradients themselves."""
+        return tuple(self.per_sample())
 
-        ``gather`` maps a rank's (B_r, …) tensor to all ranks' tensors concatenated, (B_global, …).
-        This default gathers the per-sample gradients; factored blocks override it to gather less.
-        """
-        return MaterializedBlock(self.params, [gather(grads) for grads in self.per_sample()])
+    def with_sample_factors(self, factors: Sequence[Tensor]) -> GradientBlock:
+        """A block of the same parameters from factors shaped like ``sample_factors()`` but for other samples."""
+        return MaterializedBlock(self.params, list(factors))
 
 
 class MaterializedBlock(GradientBlock):
@@ -139,10 +145,10 @@ class OuterProductBlock(GradientBlock):
             grads.append(self.backprops.sum(dim=1).reshape(batch, *self.bias.shape))
         return grads
 
-    def gathered(self, gather: Callable[[Tensor], Tensor]) -> GradientBlock:
-        """Gathers activations and backprops, T·(d_in + d_out) values a sample, or the per-sample
-        gradients, d_in·d_out (+ d_out) values a sample, whichever are fewer."""
-        _, tokens, d_in = self.activations.shape
-        if tokens * (d_in + self.backprops.shape[-1]) > sum(p.numel() for p in self.params):
-            return super().gathered(gather)
-        return OuterProductBlock(self.weight, self.bias, gather(self.activations), gather(self.backprops))
+    def sample_factors(self) -> tuple[Tensor, ...]:
+        """(activations (B, T, d_in), backprops (B, T, d_out))."""
+        return self.activations, self.backprops
+
+    def with_sample_factors(self, factors: Sequence[Tensor]) -> GradientBlock:
+        activations, backprops = factors
+        return OuterProductBlock(self.weight, self.bias, activations, backprops)

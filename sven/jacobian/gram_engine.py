@@ -39,19 +39,28 @@ class _HookedLayer:
     name: str
     module: nn.Module
     rule: GramRule
+    params: tuple[Tensor, ...]
+    """The trainable parameters under ``module`` (its own and its children's): what the rule must cover."""
     calls: list[_Call] = field(default_factory=list)
 
 
 class GramJacobian(JacobianOperator):
-    """The per-sample loss Jacobian (B, P) held as per-layer gradient blocks."""
+    """The per-sample loss Jacobian (B, P) held as per-layer gradient blocks.
 
-    def __init__(self, blocks: list[GradientBlock], params: ParamSpace, batch_size: int) -> None:
+    Every parameter of ``params`` is covered by exactly one block, or listed in
+    ``zero_params`` (parameters of layers that did not run: their gradients are zero).
+    """
+
+    def __init__(self, blocks: list[GradientBlock], params: ParamSpace, batch_size: int,
+                 zero_params: tuple[Tensor, ...] = ()) -> None:
         self.blocks = blocks
         self.params = params
+        self.zero_params = zero_params
         self.shape = (batch_size, params.size)
         self.dtype = params.tensors[0].dtype
         self.device = params.tensors[0].device
         self._position = {id(p): i for i, p in enumerate(params.tensors)}
+        _check_coverage(blocks, params, zero_params)
 
     def _compute_gram(self) -> Tensor:
         gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
@@ -89,8 +98,8 @@ class GramEngine:
         self.hooked: list[_HookedLayer] = []
         self.fallback_names: list[str] = []
         trainable = {id(p) for p in params.tensors}
-        name_of = {id(p): n for n, p in zip(params.names, params.tensors)}
-        self._plan(model, "", trainable, name_of)
+        self._name_of = {id(p): n for n, p in zip(params.names, params.tensors)}
+        self._plan(model, "", trainable, self._name_of)
 
     def _plan(self, module: nn.Module, prefix: str, trainable: set[int], name_of: dict[int, str]) -> None:
         own = list(module.parameters(recurse=False))
@@ -99,7 +108,8 @@ class GramEngine:
             for child_name, child in module.named_children():
                 self._plan(child, f"{prefix}.{child_name}" if prefix else child_name, trainable, name_of)
         elif rule_for(module) is not None and len(own_trainable) == len(own):
-            self.hooked.append(_HookedLayer(prefix, module, rule_for(module)))
+            params = tuple(p for p in module.parameters() if id(p) in trainable)
+            self.hooked.append(_HookedLayer(prefix, module, rule_for(module), params))
         else:
             self.fallback_names += [name_of[id(p)] for p in module.parameters() if id(p) in trainable]
 
@@ -141,14 +151,15 @@ class GramEngine:
             losses = check_per_sample_losses(loss_fn(preds, targets, *extra), batch_size)
             probes = [call.probe for layer in self.hooked for call in layer.calls]
             uncalled = [layer for layer in self.hooked if not layer.calls]
-            uncalled_params = [p for layer in uncalled for p in layer.module.parameters(recurse=False)]
+            uncalled_params = [p for layer in uncalled for p in layer.params]
             wanted = probes + uncalled_params
             grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True) if wanted else ()
         _check_uncalled_layers_unused(uncalled, grads[len(probes):])
         blocks = self._layer_blocks(iter(grads[: len(probes)]))
         if self.fallback_names:
             blocks.append(self._fallback_block(loss_fn, batch))
-        return losses.detach(), preds.detach(), GramJacobian(blocks, self.params, batch_size)
+        zero_params = tuple(p for layer in uncalled for p in layer.params)
+        return losses.detach(), preds.detach(), GramJacobian(blocks, self.params, batch_size, zero_params)
 
     def _layer_blocks(self, backprops: Iterator[Tensor | None]) -> list[GradientBlock]:
         blocks: list[GradientBlock] = []
@@ -164,6 +175,7 @@ class GramEngine:
                     )
                 grad = torch.zeros_like(call.probe) if grad is None else grad
                 per_call.append(layer.rule(layer.module, call.activations, grad))
+                _check_rule_covers_layer(layer, per_call[-1], self._name_of)
             if len(per_call) == 1:
                 blocks += per_call[0]
             elif per_call:
@@ -191,11 +203,36 @@ class GramEngine:
         return MaterializedBlock(tuple(named[n] for n in self.fallback_names), grads)
 
 
+def _check_coverage(blocks: list[GradientBlock], params: ParamSpace, zero_params: tuple[Tensor, ...]) -> None:
+    """Raise unless every parameter is in exactly one block or in ``zero_params`` (never a silent zero column)."""
+    count = {id(p): 0 for p in params.tensors}
+    for param in [*(p for block in blocks for p in block.params), *zero_params]:
+        count[id(param)] = count.get(id(param), 0) + 1
+    wrong = {name: count[id(p)] for name, p in zip(params.names, params.tensors) if count[id(p)] != 1}
+    if wrong:
+        raise RuntimeError(f"the Gram engine's blocks must cover each trainable parameter once; got {wrong} "
+                           "(parameter name: number of blocks covering it)")
+
+
+def _check_rule_covers_layer(layer: _HookedLayer, blocks: list[GradientBlock], name_of: dict[int, str]) -> None:
+    """Raise unless the rule's blocks cover every trainable parameter under the hooked layer exactly once."""
+    covered = [id(p) for block in blocks for p in block.params]
+    missing = [name_of[id(p)] for p in layer.params if id(p) not in covered]
+    repeated = sorted({name_of.get(i, "?") for i in covered if covered.count(i) > 1})
+    if missing or repeated:
+        raise RuntimeError(
+            f"the Gram rule for layer '{layer.name}' ({type(layer.module).__name__}) returned blocks that "
+            + (f"miss parameter(s) {missing}" if missing else f"cover parameter(s) {repeated} more than once")
+            + "; a rule must return exactly one block entry per trainable parameter of its layer "
+            "(see docs/GRAM_ENGINE.md, 'Writing a Gram rule')"
+        )
+
+
 def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tuple) -> None:
     """A hooked layer whose forward never ran must not influence the loss (else its rows would be lost)."""
     grads = iter(param_grads)
     for layer in uncalled:
-        for _ in layer.module.parameters(recurse=False):
+        for _ in layer.params:
             grad = next(grads)
             if grad is not None and bool(grad.ne(0).any()):
                 raise RuntimeError(

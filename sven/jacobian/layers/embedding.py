@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,13 +73,13 @@ class EmbeddingBlock(GradientBlock):
         grads.index_add_(0, self._sample_token_codes(), self.backprops.reshape(batch * tokens, dim))
         return [grads.view(batch, vocab, dim)]
 
-    def gathered(self, gather: Callable[[Tensor], Tensor]) -> GradientBlock:
-        """Gathers indices and backprops, T·(1 + dim) values a sample, or the per-sample
-        gradients, V·dim values a sample, whichever are fewer."""
-        tokens = self.indices.shape[1]
-        if tokens * (1 + self.weight.shape[1]) > self.weight.numel():
-            return super().gathered(gather)
-        return EmbeddingBlock(self.weight, gather(self.indices), gather(self.backprops))
+    def sample_factors(self) -> tuple[Tensor, ...]:
+        """(token indices (B, T), backprops (B, T, dim))."""
+        return self.indices, self.backprops
+
+    def with_sample_factors(self, factors: Sequence[Tensor]) -> GradientBlock:
+        indices, backprops = factors
+        return EmbeddingBlock(self.weight, indices, backprops)
 
 
 def _supported(layer: nn.Embedding) -> bool:
