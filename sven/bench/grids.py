@@ -115,9 +115,9 @@ LM_STUDY: tuple[tuple[str, dict[str, Any]], ...] = (
     ("adam", {"lr": 1e-2}),
     ("lbfgs", {}),
 )
-"""The ``lm`` study (issue 8): (optimizer, settings overriding its defaults) per entry. The damped Sven variants
+"""The ``lm`` study: (optimizer, settings overriding its defaults) per entry. The damped Sven variants
 also run without the rtol cut (rtol = 0): λ then regularises the small singular values on its own. Adam runs at
-the issue's lr = 1e-3 (the time reference of the bar) and at lr = 1e-2, the best of its grid on toy1d-compare and
+lr = 1e-3 (the time reference of the bar) and at lr = 1e-2, the best of its grid on toy1d-compare and
 poly-compare."""
 LM_REFERENCE = "lm"
 TIME_REFERENCE = "adam lr=0.001"

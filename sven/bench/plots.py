@@ -1,26 +1,32 @@
-"""PNG plots of benchmark runs: loss curves with mean ± 1σ bands and singular-value spectra."""
+"""PNG plots of benchmark runs: loss curves with mean ± 1σ bands and singular-value spectra.
+
+matplotlib is imported by the functions that draw, never at import, and its backend is
+left as the user's environment chose it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 LABELS = {"val_loss": "validation loss", "train_loss": "training loss", "val_accuracy": "validation accuracy",
           "epoch": "epoch", "wall_time": "wall time (s)"}
 
 
-def save_figure(figure: plt.Figure, path: Path, title: str) -> Path:
+def save_figure(figure: Figure, path: Path, title: str) -> Path:
     """Title, lay out, write ``figure`` as a PNG at ``path`` (creating its folder) and close it."""
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+    from matplotlib import pyplot as plt
+
     plt.close(figure)
     return path
 
@@ -33,14 +39,16 @@ def curve_band(runs: list[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, 
     return xs.mean(axis=0), ys.mean(axis=0), ys.std(axis=0), ys.min(axis=0)
 
 
-def draw_bands(axis: plt.Axes, groups: dict[str, list[dict[str, Any]]], x: str, y: str, log: bool = True) -> None:
+def draw_bands(axis: Axes, groups: dict[str, list[dict[str, Any]]], x: str, y: str, log: bool = True) -> None:
     """One line per group (mean over its runs that did not diverge) with a shaded ±1σ band.
 
     On a log scale the band's lower edge is clipped at the lowest run, so it stays positive.
     A group whose runs all diverged is drawn up to where they stopped. More than ten groups
     take their colours from tab20, so no two share one.
     """
-    palette = plt.cm.tab20.colors if len(groups) > len(plt.cm.tab10.colors) else plt.cm.tab10.colors
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors if len(groups) > len(colormaps["tab10"].colors) else colormaps["tab10"].colors
     for index, (label, runs) in enumerate(groups.items()):
         kept = [run for run in runs if not run["diverged"]] or runs
         diverged = sum(run["diverged"] for run in runs)
@@ -61,6 +69,8 @@ def draw_bands(axis: plt.Axes, groups: dict[str, list[dict[str, Any]]], x: str, 
 def plot_curves(groups: dict[str, list[dict[str, Any]]], path: Path, title: str, y: str = "val_loss",
                 xs: tuple[str, ...] = ("epoch", "wall_time")) -> Path:
     """``y`` against each of ``xs`` (one panel each), mean ± 1σ over the runs of each group; saved as PNG."""
+    from matplotlib import pyplot as plt
+
     figure, axes = plt.subplots(1, len(xs), figsize=(5.5 * len(xs), 4), squeeze=False)
     for axis, x in zip(axes[0], xs):
         draw_bands(axis, groups, x, y)
@@ -69,10 +79,13 @@ def plot_curves(groups: dict[str, list[dict[str, Any]]], path: Path, title: str,
 
 def plot_spectra(panels: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     """For each run (one panel), the kept singular values σ_i/σ_1 at the end of every epoch, coloured by epoch."""
+    from matplotlib import colormaps
+    from matplotlib import pyplot as plt
+
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for axis, (label, run) in zip(axes[0], panels.items()):
         spectra = [s for s in run["history"]["singular_values"] if s]
-        colours = plt.cm.viridis(np.linspace(0, 1, max(len(spectra), 1)))
+        colours = colormaps["viridis"](np.linspace(0, 1, max(len(spectra), 1)))
         for epoch, (sigma, colour) in enumerate(zip(spectra, colours), start=1):
             sigma = np.asarray(sigma)
             axis.semilogy(np.arange(1, sigma.size + 1), sigma / sigma[0], color=colour,

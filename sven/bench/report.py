@@ -85,7 +85,7 @@ def _bar_lines(payloads: list[dict[str, Any]]) -> list[str]:
     studies = [payload for payload in payloads if payload["study"] == "lm" and payload["runs"]]
     if not studies:
         return []
-    lines = ["## Sven against Levenberg–Marquardt (issue 8)", "",
+    lines = ["## Sven against Levenberg–Marquardt", "",
              "From the `lm` studies below: every Sven variant, `lm` (torch-levenberg-marquardt, its defaults), "
              "Adam and L-BFGS on the same data, initial weights and batch order per seed.", ""]
     for payload in studies:

@@ -3,7 +3,7 @@
 - ``compare``: every optimizer, default or grid-searched settings (Figure 1);
 - ``k``, ``rtol``, ``microbatch_size``, ``param_fraction``: Sven with one setting swept (Figures 2 and 3);
 - ``spectrum``: Sven's kept singular values across epochs, regression vs cross-entropy (Figures 2 and 4);
-- ``lm``: the Sven variants against Levenberg–Marquardt, Adam and L-BFGS (``grids.LM_STUDY``, issue 8).
+- ``lm``: the Sven variants against Levenberg–Marquardt, Adam and L-BFGS (``grids.LM_STUDY``).
 
 Every run of a seed starts from the same data, initial weights and batch order, whatever the optimizer
 (``train.train`` seeds the initialisation and a separate shuffling generator from the seed).

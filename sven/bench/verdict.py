@@ -1,4 +1,4 @@
-"""The bar of issue 8, computed from an ``lm`` study payload.
+"""The Levenberg–Marquardt comparison bar, computed from an ``lm`` study payload.
 
 The bar: the best documented Sven setting reaches a final validation MSE at or below
 Levenberg–Marquardt's (mean over seeds) at no more than 1.5 × Adam's training time per
@@ -62,13 +62,13 @@ def bar_scores(payload: dict[str, Any]) -> list[BarScore]:
 def bar_verdict(payload: dict[str, Any]) -> list[str]:
     """Markdown lines: the bar, a table of every Sven setting's two ratios, and the verdict on this task."""
     lm, reference = payload["lm_reference"], payload["time_reference"]
-    lines = [f"**The bar** (issue 8): {BAR_TEXT}. Measured here on {payload['task']}, ratios of means over seeds "
+    lines = [f"**The bar**: {BAR_TEXT}. Measured here on {payload['task']}, ratios of means over seeds "
              f"against `{lm}` (final validation MSE) and `{reference}` (training seconds per epoch, same run):", "",
              "| Sven setting | final val MSE / LM's | s/epoch / Adam's | meets the bar |", "|---|---|---|---|"]
     try:
         scores = bar_scores(payload)
     except ValueError as missing:
-        return [f"**The bar** (issue 8): {BAR_TEXT}. Not computed: {missing}.", ""]
+        return [f"**The bar**: {BAR_TEXT}. Not computed: {missing}.", ""]
     lines += [f"| {s.label} | {s.mse_ratio:.3g} | {s.time_ratio:.3g} | {'yes' if s.meets else 'no'} |" for s in scores]
     meeting = [score for score in scores if score.meets]
     if meeting:
