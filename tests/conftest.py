@@ -7,10 +7,29 @@ parametrised tests can build models of any size and dtype.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from reference import reference_direction, reference_residuals_and_jacobian
 from torch import Tensor, nn
+
+from sven.nn import SvenWrapper
+from sven.opt import Sven
+
+ENGINES = ("gram", "functorch")
+LR = 0.5
+STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+"""Relative error allowed between a Sven step and the dense float64 reference on the test problems.
+
+The cases keep only σ > rtol·σ_max (rtol ≥ 1e-3) or fewer values (k), so the kept part of M has
+condition number κ ≤ 1/rtol = 1e3 (measured on ``CASES``: 2.5 to 621), with at most n = 50 columns.
+float64: the Gram route squares κ and eigh of M Mᵀ is backward stable, so the step's relative
+error is at most about n·κ²·u = 50·1e6·1.1e-16 ≈ 5.5e-9 < 1e-8. float32: the Jacobian comes from a
+float32 forward and backward (relative error of a few u₃₂ = 6e-8 per entry), which moves M⁺r by
+about κ times that: 621·2·6e-8 ≈ 7.5e-5 < 1e-4. A real bug is an O(1) error.
+"""
 
 
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -56,3 +75,96 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Case:
+    """An MLP with layer ``sizes`` on a batch of ``batch_size`` samples, solved with ``k`` and ``rtol``."""
+
+    sizes: tuple[int, ...]
+    batch_size: int
+    k: int = 64
+    rtol: float = 1e-3
+    duplicated: bool = False
+
+    def model_and_batch(self, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        """The model and batch; with ``duplicated`` the second half of the batch repeats the first."""
+        distinct = self.batch_size // 2 if self.duplicated else self.batch_size
+        x, y = make_batch(distinct, self.sizes[0], self.sizes[-1], dtype)
+        if self.duplicated:
+            x, y = torch.cat([x, x]), torch.cat([y, y])
+        return make_mlp(list(self.sizes), dtype), (x, y)
+
+
+CASES = {
+    "mlp_b_lt_p": Case((3, 8, 2), 12),  # M is 12 × 50
+    "b_gt_p": Case((2, 3, 1), 24),  # M is 24 × 13
+    "duplicated_samples": Case((3, 8, 2), 12, duplicated=True),  # rank 6
+    "k_below_rank": Case((3, 8, 2), 12, k=3),
+    "rtol_cuts": Case((3, 8, 2), 12, rtol=0.05),
+}
+
+
+def reference_step(case: Case, dtype: torch.dtype) -> torch.Tensor:
+    """The reference parameter change −lr · M⁺ r, float64 (P,)."""
+    model, batch = case.model_and_batch(dtype)
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    return -LR * reference_direction(jacobian, residuals, case.k, case.rtol)
+
+
+def sven_step(case: Case, dtype: torch.dtype, engine: str, svd_mode: str) -> tuple[torch.Tensor, Sven]:
+    """The parameter change one Sven step makes, float64 (P,), and the optimizer."""
+    model, batch = case.model_and_batch(dtype)
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
+    optimizer = Sven(wrapped, lr=LR, k=case.k, rtol=case.rtol, svd_mode=svd_mode)
+    before = flat_parameters(model)
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    return flat_parameters(model) - before, optimizer
+
+
+CHECKPOINT_CONFIGS = {
+    "gram_adaptive_rmsprop_momentum": dict(
+        wrapper=dict(engine="gram", kappa=1.0),
+        optimizer=dict(lr=0.5, k=5, rtol=1e-4, damping="adaptive", rmsprop="pre", momentum=0.3),
+    ),
+    "functorch_param_fraction_rmsprop_post": dict(
+        wrapper=dict(engine="functorch", param_fraction=0.5, microbatch_size=2),
+        optimizer=dict(lr=0.3, k=3, svd_mode="torch", rmsprop="post", momentum=0.5),
+    ),
+}
+
+
+def build_checkpoint_run(config: dict, seed: int) -> tuple[SvenWrapper, Sven]:
+    """Model, wrapper and optimizer as a user would rebuild them (the seed only sets the initial weights)."""
+    torch.manual_seed(seed)
+    wrapped = SvenWrapper(make_mlp([3, 8, 2], seed=seed), per_sample_mse, **config["wrapper"])
+    return wrapped, Sven(wrapped, **config["optimizer"])
+
+
+def checkpoint_batches() -> list[tuple[Tensor, Tensor]]:
+    return [make_batch(8, 3, 2, seed=s) for s in range(5)]
+
+
+def parameter_copies(wrapped: SvenWrapper) -> list[Tensor]:
+    return [p.detach().clone() for p in wrapped.model.parameters()]
+
+
+def train_and_save(config: dict, path: Path) -> list[Tensor]:
+    """Four steps, a checkpoint, a fifth step; returns the parameters after the fifth."""
+    wrapped, optimizer = build_checkpoint_run(config, seed=0)
+    data = checkpoint_batches()
+    for batch in data[:4]:
+        optimizer.step(batch)
+    torch.save({"model": wrapped.model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    optimizer.step(data[4])
+    return parameter_copies(wrapped)
+
+
+def resume_from_checkpoint(config: dict, path: Path) -> list[Tensor]:
+    wrapped, optimizer = build_checkpoint_run(config, seed=123)
+    checkpoint = torch.load(path, weights_only=False)
+    wrapped.model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    optimizer.step(checkpoint_batches()[4])
+    return parameter_copies(wrapped)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-from conftest import flat_parameters, make_batch, make_mlp, per_sample_mse
+from conftest import (
+    CASES,
+    ENGINES,
+    LR,
+    STEP_TOLERANCE,
+    Case,
+    flat_parameters,
+    per_sample_mse,
+    reference_step,
+    sven_step,
+)
 from reference import EPS64, reference_direction, reference_residuals_and_jacobian, relative_error
 
 from sven.jacobian import DenseJacobian
@@ -17,55 +25,6 @@ from sven.opt.pinv import truncated_spectrum
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 EXACT_MODES = ("torch", "gram", "auto", "scipy", "lobpcg")
-ENGINES = ("gram", "functorch")
-TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
-LR = 0.5
-
-
-@dataclass(frozen=True)
-class Case:
-    """An MLP with layer ``sizes`` on a batch of ``batch_size`` samples, solved with ``k`` and ``rtol``."""
-
-    sizes: tuple[int, ...]
-    batch_size: int
-    k: int = 64
-    rtol: float = 1e-3
-    duplicated: bool = False
-
-    def model_and_batch(self, dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-        """The model and batch; with ``duplicated`` the second half of the batch repeats the first."""
-        distinct = self.batch_size // 2 if self.duplicated else self.batch_size
-        x, y = make_batch(distinct, self.sizes[0], self.sizes[-1], dtype)
-        if self.duplicated:
-            x, y = torch.cat([x, x]), torch.cat([y, y])
-        return make_mlp(list(self.sizes), dtype), (x, y)
-
-
-CASES = {
-    "mlp_b_lt_p": Case((3, 8, 2), 12),  # M is 12 × 50
-    "b_gt_p": Case((2, 3, 1), 24),  # M is 24 × 13
-    "duplicated_samples": Case((3, 8, 2), 12, duplicated=True),  # rank 6
-    "k_below_rank": Case((3, 8, 2), 12, k=3),
-    "rtol_cuts": Case((3, 8, 2), 12, rtol=0.05),
-}
-
-
-def reference_step(case: Case, dtype: torch.dtype) -> torch.Tensor:
-    """The reference parameter change −lr · M⁺ r, float64 (P,)."""
-    model, batch = case.model_and_batch(dtype)
-    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
-    return -LR * reference_direction(jacobian, residuals, case.k, case.rtol)
-
-
-def sven_step(case: Case, dtype: torch.dtype, engine: str, svd_mode: str) -> tuple[torch.Tensor, Sven]:
-    """The parameter change one Sven step makes, float64 (P,), and the optimizer."""
-    model, batch = case.model_and_batch(dtype)
-    wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
-    optimizer = Sven(wrapped, lr=LR, k=case.k, rtol=case.rtol, svd_mode=svd_mode)
-    before = flat_parameters(model)
-    wrapped.loss_and_grad(batch)
-    optimizer.step()
-    return flat_parameters(model) - before, optimizer
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -76,7 +35,7 @@ def test_exact_mode_takes_the_reference_step(case_name: str, svd_mode: str, engi
     case = CASES[case_name]
     step, optimizer = sven_step(case, dtype, engine, svd_mode)
     assert not optimizer.last_step["skipped"]
-    assert relative_error(step, reference_step(case, dtype)) <= TOLERANCE[dtype]
+    assert relative_error(step, reference_step(case, dtype)) <= STEP_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("case_name", CASES)
@@ -118,7 +77,7 @@ def test_lobpcg_runs_torch_lobpcg_and_takes_the_reference_step(
     step, _ = sven_step(case, dtype, engine, "lobpcg")
     expected_size = 12 if shape == "b_lt_p" else 13
     assert sizes_seen == [expected_size] and expected_size >= 3 * case.k
-    assert relative_error(step, reference_step(case, dtype)) <= TOLERANCE[dtype]
+    assert relative_error(step, reference_step(case, dtype)) <= STEP_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("case_name, resolved", [("mlp_b_lt_p", "gram"), ("b_gt_p", "torch")])
@@ -131,7 +90,7 @@ def test_auto_takes_an_svd_below_the_gram_rtol_limit() -> None:
     case = Case((3, 8, 2), 12, rtol=1e-8)
     step, optimizer = sven_step(case, torch.float64, "gram", "auto")
     assert optimizer.last_step["svd_mode"] == "torch"
-    assert relative_error(step, reference_step(case, torch.float64)) <= TOLERANCE[torch.float64]
+    assert relative_error(step, reference_step(case, torch.float64)) <= STEP_TOLERANCE[torch.float64]
 
 
 def test_step_scales_with_the_lr_a_scheduler_sets() -> None:
@@ -150,7 +109,7 @@ def test_step_scales_with_the_lr_a_scheduler_sets() -> None:
     wrapped.loss_and_grad(batch)
     optimizer.step()
     expected = -LR * 0.25 * reference_direction(jacobian, residuals, case.k, case.rtol)
-    assert relative_error(flat_parameters(model) - before, expected) <= TOLERANCE[torch.float64]
+    assert relative_error(flat_parameters(model) - before, expected) <= STEP_TOLERANCE[torch.float64]
 
 
 def test_lobpcg_with_k_above_the_rank_takes_the_reference_step() -> None:
@@ -164,4 +123,4 @@ def test_lobpcg_with_k_above_the_rank_takes_the_reference_step() -> None:
     spectrum = truncated_spectrum(operator, "lobpcg", 8, 1e-3)
     assert spectrum.rank_kept == 4
     direction = spectrum.direction(operator, residuals)
-    assert relative_error(direction, reference_direction(matrix, residuals, 8, 1e-3)) <= TOLERANCE[torch.float64]
+    assert relative_error(direction, reference_direction(matrix, residuals, 8, 1e-3)) <= STEP_TOLERANCE[torch.float64]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import flat_parameters
+from conftest import STEP_TOLERANCE, flat_parameters
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 from torch import Tensor, nn
 
@@ -24,7 +24,6 @@ from sven.opt.pinv import truncated_spectrum
 from sven.opt.spectrum import CertifiedGramSpectrum, certify_nothing_cut
 
 GRAM_TOLERANCE = 1e-10
-STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
 LR = 0.5
 
 

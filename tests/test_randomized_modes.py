@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CASES, ENGINES, STEP_TOLERANCE, Case, reference_step, sven_step
 from reference import reference_direction, relative_error
-from test_exact_modes import CASES, ENGINES, TOLERANCE, Case, reference_step, sven_step
 
 from sven.jacobian import DenseJacobian
 from sven.opt.pinv import truncated_spectrum
@@ -30,7 +30,7 @@ def test_randomized_mode_is_exact_when_k_covers_the_rank(
     torch.manual_seed(0)
     step, optimizer = sven_step(case, dtype, engine, svd_mode)
     assert not optimizer.last_step["skipped"]
-    assert relative_error(step, reference_step(case, dtype)) <= TOLERANCE[dtype]
+    assert relative_error(step, reference_step(case, dtype)) <= STEP_TOLERANCE[dtype]
 
 
 def gapped_matrix(rows: int, cols: int, top: torch.Tensor, tail_max: float, seed: int) -> torch.Tensor:
