@@ -1,14 +1,12 @@
-"""Every error of the core API, with its message; non-finite batches leave the model untouched."""
+"""Every error of the core API, with its message; the closure forms of step()."""
 
 from __future__ import annotations
 
 import re
-import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp, parameter_snapshot, per_sample_mse
+from conftest import make_batch, make_mlp, per_sample_mse
 from torch import Tensor, nn
 
 from sven.nn import SvenWrapper
@@ -133,55 +131,3 @@ def test_a_closure_that_computes_no_jacobian_or_comes_with_a_batch_is_refused() 
         Sven(wrapped).step(lambda: torch.tensor(0.0))
     with pytest.raises(TypeError, match="a batch or a closure, not both"):
         Sven(wrapped).step(batch, closure=lambda: wrapped.loss_and_grad(batch))
-
-
-def mse_with_nan_gradient_where_scale_is_zero(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:
-    """Per-sample MSE plus 0·√(scale·‖pred‖²): finite everywhere, but its gradient is NaN where scale = 0."""
-    return per_sample_mse(pred, target) + 0 * torch.sqrt(scale * pred.pow(2).sum(dim=1))
-
-
-def nan_input_row(batch_size: int) -> tuple[tuple, Callable[..., Tensor]]:
-    x, y = make_batch(batch_size, 3, 2)
-    x[5, 1] = float("nan")
-    return (x, y), per_sample_mse
-
-
-def finite_loss_nan_jacobian_row(batch_size: int) -> tuple[tuple, Callable[..., Tensor]]:
-    x, y = make_batch(batch_size, 3, 2)
-    scale = torch.ones(batch_size, dtype=x.dtype)
-    scale[5] = 0.0
-    return (x, y, scale), mse_with_nan_gradient_where_scale_is_zero
-
-
-@pytest.mark.parametrize("svd_mode", ["auto", "torch"])
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("make_bad_batch", [nan_input_row, finite_loss_nan_jacobian_row])
-def test_non_finite_batch_skips_the_step(make_bad_batch: Callable, engine: str, svd_mode: str) -> None:
-    batch, loss_fn = make_bad_batch(12)
-    wrapped = wrapped_mlp(loss_fn, engine=engine)
-    optimizer = Sven(wrapped, lr=0.5, svd_mode=svd_mode)
-    losses, _ = wrapped.loss_and_grad(batch)
-    assert bool(torch.isfinite(losses).all()) == (make_bad_batch is finite_loss_nan_jacobian_row)
-    before = parameter_snapshot(wrapped.model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        optimizer.step()
-    runtime_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(runtime_warnings) == 1
-    assert "1 of 12 samples" in str(runtime_warnings[0].message)
-    assert all(torch.equal(now, then) for now, then in zip(wrapped.model.parameters(), before, strict=True))
-    assert optimizer.last_step["skipped"] is True and optimizer.last_step["bad_samples"] == 1
-
-
-def test_optimizer_steps_again_after_a_skipped_step() -> None:
-    wrapped = wrapped_mlp()
-    optimizer = Sven(wrapped, lr=0.5)
-    bad_batch, _ = nan_input_row(12)
-    wrapped.loss_and_grad(bad_batch)
-    with pytest.warns(RuntimeWarning, match="1 of 12 samples"):
-        optimizer.step()
-    before = parameter_snapshot(wrapped.model)
-    wrapped.loss_and_grad(make_batch(12, 3, 2))
-    optimizer.step()
-    assert optimizer.last_step["skipped"] is False
-    assert not all(torch.equal(now, then) for now, then in zip(wrapped.model.parameters(), before, strict=True))

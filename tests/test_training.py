@@ -2,8 +2,10 @@
 
 Task: y = exp(−10x²)·sin(2x), x ~ U[−1, 1], MLP 1→16→16→16→1 with GELU, B = 32,
 10 epochs over 256 training samples (80 steps), validation on 512 fresh samples.
-Measured over seeds 0–11 (float32, CPU): Sven (lr=0.5, k=64, rtol=1e-3) reaches a
-validation MSE of 5e-7 … 5e-5, Adam 1.4e-2 … 1.8e-2; the smallest ratio was 306.
+The claim under test: after the same 80 steps Sven's validation MSE is at least an order of
+magnitude below Adam's. ``REQUIRED_RATIO`` is that claim, 10, not a fit to a measurement (over
+seeds 0–11, float32, CPU, the ratio Adam/Sven was 306 or more: Sven at 5e-7 … 5e-5, Adam at
+1.4e-2 … 1.8e-2, so a seed failing it would mean a real regression).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sven.opt import Sven
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BATCH_SIZE, EPOCHS, TRAIN_SIZE, VALIDATION_SIZE = 32, 10, 256, 512
-REQUIRED_RATIO = 30.0
+REQUIRED_RATIO = 10.0
 TrainStep = Callable[[Tensor, Tensor], None]
 
 
