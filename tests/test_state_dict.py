@@ -70,3 +70,18 @@ def test_loading_a_foreign_state_dict_says_what_is_missing() -> None:
     adam_state = torch.optim.Adam(optimizer.wrapped.model.parameters()).state_dict()
     with pytest.raises(ValueError, match="not a Sven state_dict: expected a 'sven' entry"):
         optimizer.load_state_dict(adam_state)
+
+
+def test_a_state_dict_saved_under_deprecated_option_names_loads_and_warns(tmp_path: Path) -> None:
+    """Groups saved with use_rmsprop / mu_rmsprop (the first releases' names) resume the same run."""
+    config = CHECKPOINT_CONFIGS["gram_adaptive_rmsprop_momentum"]
+    path = tmp_path / "checkpoint.pt"
+    continued = train_and_save(config, path)
+    checkpoint = torch.load(path, weights_only=False)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["use_rmsprop"], group["rmsprop_post"] = group.pop("rmsprop") is not None, False
+        group["mu_rmsprop"] = group.pop("momentum")
+    torch.save(checkpoint, path)
+    with pytest.warns(DeprecationWarning, match="deprecated; use"):
+        resumed = resume_from_checkpoint(config, path)
+    assert all(torch.equal(a, b) for a, b in zip(continued, resumed))
