@@ -48,7 +48,7 @@ def test_losses_not_of_shape_b_are_rejected(loss_fn: nn.Module, out_features: in
         (dict(k=0), "k must be an integer >= 1; got 0"),
         (dict(k=2.5), "k must be an integer >= 1; got 2.5"),
         (dict(rtol=-1e-3), "rtol must be >= 0; got -0.001"),
-        (dict(lr=-0.1), "lr must be >= 0; got -0.1"),
+        (dict(lr=-0.1), "lr must be a number >= 0; got -0.1"),
     ],
 )
 def test_optimizer_rejects_bad_settings_at_construction(options: dict, message: str) -> None:

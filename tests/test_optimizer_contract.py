@@ -47,10 +47,10 @@ def test_per_group_lr_scales_that_groups_part_of_the_one_step() -> None:
 
 @pytest.mark.parametrize("groups, message", [
     (lambda m: [{"params": list(m[0].parameters())}], "cover exactly"),
-    (lambda m: [{"params": list(m.parameters()), "k": 3}], "may only set 'lr'"),
+    (lambda m: [{"params": list(m.parameters()), "k": 3}], "may only set lr, weight_decay, decoupled_weight_decay"),
     (lambda m: [{"params": list(m.parameters())}, {"params": [m[0].weight]}], "more than once"),
     (lambda m: [{"params": list(m.parameters()) + [nn.Parameter(torch.zeros(2))]}], "1 not in the model"),
-    (lambda m: [{"params": list(m.parameters()), "lr": -1.0}], "lr must be >= 0"),
+    (lambda m: [{"params": list(m.parameters()), "lr": -1.0}], "lr must be a number >= 0"),
 ])
 def test_param_groups_that_cannot_be_honoured_are_refused(groups, message: str) -> None:
     model, wrapped, _ = setup()

@@ -93,6 +93,9 @@ class DistributedJacobian(JacobianOperator):
     def dense(self) -> Tensor:
         return self.replica().dense()
 
+    def masked_gram(self, columns: Tensor) -> Tensor:
+        return self.replica().masked_gram(columns)
+
     def matmul(self, v: Tensor) -> Tensor:
         self.comm.require_replicated(v, "the vector passed to M·v")
         return self.replica().matmul(v)

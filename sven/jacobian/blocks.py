@@ -50,6 +50,25 @@ class GradientBlock(ABC):
         totals = [sum(grads) for grads in zip(*(block.per_sample() for block in blocks))]
         return MaterializedBlock(blocks[0].params, totals)
 
+    def gram_of(self, params: Sequence[Tensor]) -> Tensor:
+        """(B, B) float64: ⟨g_i, g_j⟩ over ``params``, a subset of this block's parameters.
+
+        This default materialises the per-sample gradients; factored blocks override it.
+        """
+        chosen = {id(p) for p in params}
+        kept = [(p, g) for p, g in zip(self.params, self.per_sample()) if id(p) in chosen]
+        return MaterializedBlock(tuple(p for p, _ in kept), [g for _, g in kept]).gram()
+
+    def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
+        """(B,) float64: ⟨g_i, v⟩ for v given as one tensor per parameter, shaped like it (a row of M v).
+
+        This default materialises the per-sample gradients; factored blocks override it.
+        """
+        grads = self.per_sample()
+        batch = grads[0].shape[0]
+        return sum(g.reshape(batch, -1).to(torch.float64) @ v.reshape(-1).to(torch.float64)
+                   for g, v in zip(grads, values))
+
     def sample_factors(self) -> tuple[Tensor, ...]:
         """Tensors (B, …) that determine this block's per-sample gradients; by default the gradients themselves."""
         return tuple(self.per_sample())
@@ -107,18 +126,33 @@ class OuterProductBlock(GradientBlock):
         return ghost <= materialised
 
     def gram(self) -> Tensor:
-        batch, tokens, _ = self.activations.shape
+        return self.gram_of(self.params)
+
+    def gram_of(self, params: Sequence[Tensor]) -> Tensor:
+        """The weight's and/or the bias's share of the Gram matrix, in the cheaper form (see the class)."""
         if not self.uses_ghost_form:
-            return MaterializedBlock(self.params, self.per_sample()).gram()
-        acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
+            return super().gram_of(params)
+        chosen = {id(p) for p in params}
+        batch, tokens, _ = self.activations.shape
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
         grad_gram = grads @ grads.T
-        gram = (acts @ acts.T) * grad_gram
-        if self.bias is not None:
+        gram = torch.zeros_like(grad_gram)
+        if id(self.weight) in chosen:
+            acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
+            gram = (acts @ acts.T) * grad_gram
+        if self.bias is not None and id(self.bias) in chosen:
             gram = gram + grad_gram
         if tokens > 1:
             gram = gram.view(batch, tokens, batch, tokens).sum(dim=(1, 3))
         return gram
+
+    def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
+        """Σ_t b_tᵀ V a_t (+ Σ_t b_t·v_bias) per sample, from the factors."""
+        weight = values[0].reshape(self.backprops.shape[-1], -1).to(self.activations.dtype)
+        dots = ((self.activations @ weight.T) * self.backprops).sum(dim=(1, 2)).to(torch.float64)
+        if self.bias is not None:
+            dots = dots + self.backprops.sum(dim=1).to(torch.float64) @ values[1].reshape(-1).to(torch.float64)
+        return dots
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         batch, tokens, d_in = self.activations.shape

@@ -79,6 +79,30 @@ class GramJacobian(JacobianOperator):
         ]
         return self.params.flatten(filled, leading=leading)
 
+    def masked_gram(self, columns: Tensor) -> Tensor:
+        """Σ over the chosen parameters of their blocks' Gram shares; the mask must keep or drop whole tensors."""
+        pieces = columns.split(self.params.numels)
+        if any(bool(piece.any()) and not bool(piece.all()) for piece in pieces):
+            raise ValueError("GramJacobian.masked_gram keeps or drops whole parameter tensors; got a mask that "
+                             "splits a tensor")
+        chosen = {id(p) for p, piece in zip(self.params.tensors, pieces) if bool(piece.all())}
+        gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+        for block in self.blocks:
+            kept = [p for p in block.params if id(p) in chosen]
+            if kept:
+                gram += block.gram() if len(kept) == len(block.params) else block.gram_of(kept)
+        return gram
+
+    def matmul(self, v: Tensor) -> Tensor:
+        """M v from each block's factors (``GradientBlock.sample_dots``), never forming M."""
+        if v.dim() == 2:
+            return torch.stack([self.matmul(column) for column in v.T], dim=1)
+        pieces = [piece.view_as(p) for piece, p in zip(v.split(self.params.numels), self.params.tensors)]
+        product = torch.zeros(self.shape[0], dtype=torch.float64, device=self.device)
+        for block in self.blocks:
+            product += block.sample_dots([pieces[self._position[id(p)]] for p in block.params])
+        return product.to(self.dtype)
+
     def rmatmul(self, u: Tensor) -> Tensor:
         u = u.to(self.dtype)
         if u.dim() == 2:

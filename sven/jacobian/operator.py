@@ -52,6 +52,14 @@ class JacobianOperator(ABC):
     def dense(self) -> Tensor:
         """M itself, shape (rows, cols), in the operator's dtype (may materialise it)."""
 
+    def masked_gram(self, columns: Tensor) -> Tensor:
+        """M_S M_Sᵀ, shape (rows, rows), float64, for the columns S chosen by a boolean mask (cols,).
+
+        This default materialises M; factored operators override it.
+        """
+        chosen = self.dense()[:, columns].to(torch.float64)
+        return chosen @ chosen.T
+
 
     def nonfinite_rows(self) -> Tensor:
         """Boolean mask (rows,): rows of M holding a NaN or Inf."""
@@ -73,6 +81,10 @@ class DenseJacobian(JacobianOperator):
     def _compute_gram(self) -> Tensor:
         m64 = self.matrix.to(torch.float64)
         return m64 @ m64.T
+
+    def masked_gram(self, columns: Tensor) -> Tensor:
+        chosen = self.matrix[:, columns].to(torch.float64)
+        return chosen @ chosen.T
 
     def rmatmul(self, u: Tensor) -> Tensor:
         return self.matrix.T @ u.to(self.dtype)
@@ -109,6 +121,9 @@ class RowTransformedJacobian(JacobianOperator):
 
     def _compute_gram(self) -> Tensor:
         return self.row_map @ self.base.gram() @ self.row_map.T
+
+    def masked_gram(self, columns: Tensor) -> Tensor:
+        return self.row_map @ self.base.masked_gram(columns) @ self.row_map.T
 
     def rmatmul(self, u: Tensor) -> Tensor:
         return self.base.rmatmul(self.row_map.T @ u.to(torch.float64))

@@ -45,6 +45,19 @@ class ParamSpace:
         """Concatenate tensors shaped ``(*leading, *p.shape)`` into ``(*leading, P)``."""
         return torch.cat([t.reshape(*leading, -1) for t in per_param], dim=len(leading))
 
+    def scale_(self, factors: list[float], columns: Tensor | None = None) -> None:
+        """In place: parameter *= factor, one factor per tensor; with ``columns`` (sorted flat indices)
+        only those entries (the others stay bit-identical). A factor of 1 writes nothing."""
+        offsets = self.offsets.to(columns.device) if columns is not None else None
+        for i, (p, factor) in enumerate(zip(self.tensors, factors)):
+            if factor == 1:
+                continue
+            if columns is None:
+                p.mul_(factor)
+                continue
+            mine = columns[(columns >= offsets[i]) & (columns < offsets[i + 1])] - offsets[i]
+            p.view(-1)[mine] *= factor
+
     def add_flat_(self, flat_step: Tensor, scales: list[float], columns: Tensor | None = None) -> None:
         """In place: parameter += scale · step for a flat step vector.
 

@@ -29,17 +29,19 @@ class CandidateSteps:
         columns: flat indices (n,) the operator covers (param_fraction), or None for all P.
         direction_scaling: maps each direction (n,) to the scaled one (RMSProp post-scaling), or None.
         lr_per_param: lr of each wrapped parameter's group, in ParamSpace order.
+        decoupled_decay_per_param: λ_dec of each wrapped parameter's group: apply shrinks θ by lr·λ_dec·θ.
         momentum: previous momentum buffer (P,) and its factor μ, or None: b = μ·b_prev + d over all P.
         undoable: keep an exact copy of the parameters so that ``undo`` restores them bit-identically.
     """
 
     def __init__(self, wrapped: SvenWrapper, operator: JacobianOperator, residuals: Tensor, batch: tuple,
                  columns: Tensor | None, direction_scaling: Callable[[Tensor], Tensor] | None,
-                 lr_per_param: list[float],
+                 lr_per_param: list[float], decoupled_decay_per_param: list[float],
                  momentum: tuple[Tensor | None, float] | None, undoable: bool) -> None:
         self.wrapped, self.operator, self.residuals, self.batch = wrapped, operator, residuals, batch
         self.direction_columns, self.direction_scaling, self.momentum = columns, direction_scaling, momentum
         self.lr_per_param = lr_per_param
+        self.shrink_per_param = [1.0 - lr * decay for lr, decay in zip(lr_per_param, decoupled_decay_per_param)]
         self.columns = columns if momentum is None else None
         self._saved = [p.detach().clone() for p in wrapped.params.tensors] if undoable else []
 
@@ -56,7 +58,8 @@ class CandidateSteps:
         return flat if previous is None else factor * previous + flat
 
     def apply(self, update: Tensor) -> None:
-        """θ ← θ − lr_g · b, in place."""
+        """θ ← θ − lr_g·λ_dec·θ − lr_g·b, in place (decoupled decay on the columns the update covers)."""
+        self.wrapped.params.scale_(self.shrink_per_param, self.direction_columns)
         self.wrapped.params.add_flat_(update, [-lr for lr in self.lr_per_param], self.columns)
 
     def loss_after(self, update: Tensor) -> float:

@@ -1,10 +1,11 @@
-"""The settings of one Sven step: one frozen, validated description, shared by every param group.
+"""The settings of one Sven step: one frozen, validated description of every option.
 
-``StepSettings`` lists every option once (name, default, check). ``Sven`` stores its
-fields in each param group (torch's ``defaults``), so schedulers and ``state_dict`` see
-them, and rebuilds a ``StepSettings`` from the groups at each step, which re-validates
-whatever a user wrote into ``param_groups``. Deprecated spellings are translated by
-``translate_deprecated``.
+``GroupSettings`` holds what may differ between param groups (lr, weight_decay,
+decoupled_weight_decay); ``StepSettings`` everything the one pseudoinverse shares. Each
+option is listed once (name, default, check). ``Sven`` stores both in every param group
+(torch's ``defaults``), so schedulers and ``state_dict`` see them, and rebuilds them from
+the groups at each step, which re-validates whatever a user wrote into ``param_groups``.
+Deprecated spellings are translated by ``translate_deprecated``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,35 @@ DEPRECATED_NAMES = {
 
 
 @dataclass(frozen=True)
+class GroupSettings:
+    """The options one param group may set for its own parameters.
+
+    Attributes:
+        lr: step scale (≥ 0).
+        weight_decay: λ_g ≥ 0, the coupled decay λ_g‖θ_g + d_g‖² in the step's objective.
+        decoupled_weight_decay: λ_dec ≥ 0, θ ← θ + lr·d − lr·λ_dec·θ (AdamW's decoupled decay).
+    """
+
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    decoupled_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in self.names():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in fields(cls))
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> GroupSettings:
+        return cls(**{name: group[name] for name in cls.names()})
+
+
+@dataclass(frozen=True)
 class StepSettings:
     """Every option of a Sven step but ``lr`` (which may differ per param group).
 
@@ -43,6 +73,8 @@ class StepSettings:
         rmsprop_alpha, rmsprop_eps: RMSProp's averaging factor in [0, 1) and ε > 0.
         momentum: heavy-ball factor μ in [0, 1) on the update (0: off).
         variable_k: greedy rank search on the batch loss.
+        fisher_decay: λ_F ≥ 0, the ridge λ_F‖M(θ + d)‖² in the step's objective.
+        relative: weight_decay and a fixed damping in units of σ_max² of M Mᵀ at each step.
     """
 
     k: int = 64
@@ -62,6 +94,8 @@ class StepSettings:
     rmsprop_eps: float = 1e-8
     momentum: float = 0.0
     variable_k: bool = False
+    fisher_decay: float = 0.0
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.k, int) and self.k >= 1):
@@ -89,6 +123,13 @@ class StepSettings:
             raise ValueError(f"rmsprop_eps must be > 0; got {self.rmsprop_eps}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1); got {self.momentum}")
+        if not self.fisher_decay >= 0:
+            raise ValueError(f"fisher_decay must be >= 0; got {self.fisher_decay}")
+        if not isinstance(self.relative, bool):
+            raise ValueError(f"relative must be True or False; got {self.relative!r}")
+        if self.relative and self.adaptive:
+            raise ValueError("relative=True sets weight_decay and a fixed damping in units of σ_max²; "
+                             "damping='adaptive' searches λ itself: pick one")
 
     @property
     def adaptive(self) -> bool:
@@ -144,10 +185,27 @@ def translate_deprecated(options: dict[str, Any], stacklevel: int = 3) -> dict[s
     return options
 
 
-def settings_from_options(options: dict[str, Any]) -> StepSettings:
-    """A validated ``StepSettings`` from keyword options (current names); unknown names are a TypeError."""
-    unknown = sorted(set(options) - set(StepSettings.names()))
+def settings_from_options(options: dict[str, Any]) -> tuple[GroupSettings, StepSettings]:
+    """Validated default group settings and step settings from keyword options (current names).
+
+    Unknown names are a TypeError listing the valid ones.
+    """
+    known = (*GroupSettings.names(), *StepSettings.names())
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise TypeError(f"Sven got unknown option(s) {unknown}; expected lr, params, track_svd_info or one of "
-                        f"{', '.join(StepSettings.names())}")
-    return StepSettings(**options)
+        raise TypeError(f"Sven got unknown option(s) {unknown}; expected params, track_svd_info or one of "
+                        f"{', '.join(known)}")
+    group = GroupSettings(**{name: options[name] for name in GroupSettings.names() if name in options})
+    return group, StepSettings(**{name: options[name] for name in StepSettings.names() if name in options})
+
+
+def check_regularized_combination(step: StepSettings, groups: list[GroupSettings]) -> None:
+    """Refuse options that the exact regularised solve (any weight_decay or fisher_decay > 0) cannot combine with."""
+    if not (step.fisher_decay > 0 or any(group.weight_decay > 0 for group in groups)):
+        return
+    if step.rmsprop == "pre":
+        raise ValueError("weight_decay / fisher_decay solve the regularised problem in the parameters themselves; "
+                         "rmsprop='pre' rescales the columns of M (another problem): use rmsprop='post' or None")
+    if step.variable_k:
+        raise ValueError("weight_decay / fisher_decay take the exact minimiser over the full spectrum; "
+                         "variable_k cuts the spectrum by rank: pick one")

@@ -39,13 +39,14 @@ def search_step(candidates: CandidateSteps, spectrum: Spectrum, settings: StepSe
     """Choose and apply the step's update; ``damping`` is the adaptive λ to start from, ``mean_loss`` the batch's."""
     if settings.adaptive:
         return adaptive_step(candidates, spectrum, settings, damping, mean_loss)
+    fixed = settings.fixed_damping * (spectrum.sigma_max**2 if settings.relative else 1.0)
     if settings.variable_k:
-        spectrum = greedy_spectrum(candidates, spectrum, settings.fixed_damping)
-    update = candidates.update(spectrum, settings.fixed_damping)
+        spectrum = greedy_spectrum(candidates, spectrum, fixed)
+    update = candidates.update(spectrum, fixed)
     if not bool(torch.isfinite(update).all()):
         return SearchOutcome(None, spectrum, failure="the solver returned a non-finite direction")
     candidates.apply(update)
-    return SearchOutcome(update, spectrum, {"damping": settings.fixed_damping, "tries": 1, "accepted": True})
+    return SearchOutcome(update, spectrum, {"damping": fixed, "tries": 1, "accepted": True})
 
 
 def adaptive_step(candidates: CandidateSteps, spectrum: Spectrum, settings: StepSettings, damping: float,

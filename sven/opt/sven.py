@@ -11,13 +11,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sven.jacobian.operator import JacobianOperator
 from sven.nn.wrapper import JacobianState, SvenWrapper
 from sven.opt.candidate import CandidateSteps
-from sven.opt.options import StepSettings, settings_from_options, translate_deprecated
+from sven.opt.options import (
+    GroupSettings,
+    StepSettings,
+    check_regularized_combination,
+    settings_from_options,
+    translate_deprecated,
+)
+from sven.opt.regularized import RegularizedSolve
 from sven.opt.report import StepReport, history_entry
 from sven.opt.rmsprop import BUFFER_DTYPE, rmsprop_step
 from sven.opt.search import search_step
-from sven.opt.solve import solve_spectrum
+from sven.opt.solve import SolveOutcome, solve_spectrum
 from sven.opt.spectrum import Spectrum
 
 ParamGroups = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -36,12 +44,14 @@ class Sven(torch.optim.Optimizer):
         wrapped: the ``SvenWrapper`` whose model is optimised.
         lr: step scale (≥ 0); lives in ``param_groups[i]["lr"]`` so schedulers drive it.
         params: optional param groups covering exactly the wrapped model's trainable
-            parameters; only ``lr`` may differ between groups (it scales that group's
-            part of the one step M⁺ r).
+            parameters; only ``lr``, ``weight_decay`` and ``decoupled_weight_decay`` may
+            differ between groups (lr scales that group's part of the one step).
         track_svd_info: keep every step's spectrum in ``svd_history`` for plots.
-        **options: the step's settings, ``sven.opt.options.StepSettings`` (k, rtol, svd_mode,
-            oversampling, power_iterations, damping and its adaptive schedule, rmsprop,
-            rmsprop_alpha, rmsprop_eps, momentum, variable_k). The names ``use_rmsprop``,
+        **options: ``weight_decay`` and ``decoupled_weight_decay`` (defaults of every group,
+            ``sven.opt.options.GroupSettings``) and the step's settings,
+            ``sven.opt.options.StepSettings`` (k, rtol, svd_mode, oversampling,
+            power_iterations, damping and its adaptive schedule, rmsprop, rmsprop_alpha,
+            rmsprop_eps, momentum, variable_k, fisher_decay, relative). The names ``use_rmsprop``,
             ``rmsprop_post``, ``alpha_rmsprop``, ``eps_rmsprop`` and ``mu_rmsprop`` still
             work and warn (DeprecationWarning).
     """
@@ -50,12 +60,11 @@ class Sven(torch.optim.Optimizer):
                  track_svd_info: bool = False, **options: Any) -> None:
         if not isinstance(wrapped, SvenWrapper):
             raise TypeError(f"Sven needs a SvenWrapper; got {type(wrapped).__name__}")
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0; got {lr}")
-        settings = settings_from_options(translate_deprecated(options))
+        group_defaults, settings = settings_from_options({"lr": lr, **translate_deprecated(options)})
         self.wrapped = wrapped
         self._groups_fixed = False
-        super().__init__(_param_groups(wrapped, params), {"lr": lr, **asdict(settings)})
+        super().__init__(_param_groups(wrapped, params), {**asdict(group_defaults), **asdict(settings)})
+        self.settings()
         self._groups_fixed = True
         self.track_svd_info = track_svd_info
         self.svd_history: list[dict[str, Any]] = []
@@ -92,9 +101,13 @@ class Sven(torch.optim.Optimizer):
             other = StepSettings.from_group(group)
             if other != first:
                 differing = [name for name in StepSettings.names() if getattr(other, name) != getattr(first, name)]
-                raise ValueError(f"param groups differ in {differing}; only lr may differ between groups "
-                                 "(one pseudoinverse couples all parameters)")
+                raise ValueError(f"param groups differ in {differing}; only {', '.join(GroupSettings.names())} may "
+                                 "differ between groups (one pseudoinverse couples all parameters)")
+        check_regularized_combination(first, self._group_settings())
         return first
+
+    def _group_settings(self) -> list[GroupSettings]:
+        return [GroupSettings.from_group(group) for group in self.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict (param_groups carry lr and every step setting) plus a ``"sven"`` entry.
@@ -183,7 +196,7 @@ class Sven(torch.optim.Optimizer):
                               state.losses, int(bad.sum()))
         rmsprop = rmsprop_step(settings.rmsprop, state.operator, self.square_avg, self.wrapped.params.size,
                                state.columns, settings.rmsprop_alpha, settings.rmsprop_eps)
-        solved = solve_spectrum(rmsprop.operator, settings, self._generator_for(settings))
+        solved = self._solve(rmsprop.operator, state.columns, settings)
         solve_time = time.perf_counter() - started
         if solved.spectrum is None:
             return self._skip(solved.note, state.losses)
@@ -192,7 +205,8 @@ class Sven(torch.optim.Optimizer):
         mean_loss = float(state.losses.double().mean())
         candidates = CandidateSteps(
             self.wrapped, rmsprop.operator, state.residuals, state.batch, state.columns, rmsprop.direction_scaling,
-            self._lr_per_param(), (self.momentum, settings.momentum) if settings.momentum else None,
+            self._per_param("lr"), self._per_param("decoupled_weight_decay"),
+            (self.momentum, settings.momentum) if settings.momentum else None,
             undoable=settings.adaptive or settings.variable_k,
         )
         outcome = search_step(candidates, solved.spectrum, settings, self.current_damping, mean_loss)
@@ -211,9 +225,17 @@ class Sven(torch.optim.Optimizer):
             self.svd_history.append(history_entry(self.step_count, outcome.spectrum))
         return state.losses
 
-    def _generator_for(self, settings: StepSettings) -> torch.Generator | None:
-        """The solvers' generator when the mode draws random numbers, else None (nothing is drawn)."""
-        return self.solver_generator if settings.svd_mode in ("randomized", "randomized_v2") else None
+    def _solve(self, operator: JacobianOperator, columns: Tensor | None, settings: StepSettings) -> SolveOutcome:
+        """The spectrum of the step: the exact regularised solve when a weight or Fisher decay is on, else
+        the truncated spectrum of ``settings.svd_mode`` (with a relative fixed damping in units of σ_max²)."""
+        decay = self._per_column("weight_decay", columns)
+        if settings.fisher_decay > 0 or bool(decay.ne(0).any()):
+            theta = self.wrapped.params.flatten([p.detach() for p in self.wrapped.params.tensors])
+            theta = theta if columns is None else theta[columns]
+            return SolveOutcome(RegularizedSolve(operator, theta, decay, settings.fisher_decay, settings.relative),
+                                "regularized")
+        generator = self.solver_generator if settings.svd_mode in ("randomized", "randomized_v2") else None
+        return solve_spectrum(operator, settings, generator)
 
     def _skip(self, reason: str, losses: Tensor, bad_samples: int = 0) -> Tensor:
         warnings.warn(f"Sven skipped the step: {reason}; no parameter was changed", RuntimeWarning, stacklevel=4)
@@ -231,10 +253,17 @@ class Sven(torch.optim.Optimizer):
         if next_damping is not None:
             self.current_damping = next_damping
 
-    def _lr_per_param(self) -> list[float]:
-        """lr of each wrapped parameter's group, in ParamSpace order."""
-        lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
-        return [lr_of[id(p)] for p in self.wrapped.params.tensors]
+    def _per_param(self, name: str) -> list[float]:
+        """The group setting ``name`` (lr, weight_decay, …) of each wrapped parameter, in ParamSpace order."""
+        value_of = {id(p): group[name] for group in self.param_groups for p in group["params"]}
+        return [value_of[id(p)] for p in self.wrapped.params.tensors]
+
+    def _per_column(self, name: str, columns: Tensor | None) -> Tensor:
+        """The group setting ``name`` per flat parameter (P,), or at ``columns`` (n,), float64."""
+        params = self.wrapped.params
+        values = torch.repeat_interleave(torch.tensor(self._per_param(name), dtype=torch.float64),
+                                         torch.tensor(params.numels)).to(self.wrapped.device)
+        return values if columns is None else values[columns]
 
 
 def _nothing_kept_reason(spectrum: Spectrum) -> str:
@@ -259,13 +288,11 @@ def _param_groups(wrapped: SvenWrapper, params: ParamGroups | None) -> list[dict
         groups = [{"params": groups}]
     groups = [dict(group) for group in groups]
     for group in groups:
-        unsupported = sorted(set(group) - {"params", "lr"})
+        unsupported = sorted(set(group) - {"params", *GroupSettings.names()})
         if unsupported:
-            raise ValueError(
-                f"a param group may only set 'lr' (one pseudoinverse couples all parameters); got {unsupported}"
-            )
-        if "lr" in group and not group["lr"] >= 0:
-            raise ValueError(f"a param group's lr must be >= 0; got {group['lr']}")
+            raise ValueError(f"a param group may only set {', '.join(GroupSettings.names())} (one pseudoinverse "
+                             f"couples all parameters); got {unsupported}")
+        GroupSettings(**{name: group[name] for name in GroupSettings.names() if name in group})
         tensors = group["params"]
         group["params"] = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     given = [id(p) for group in groups for p in group["params"]]

@@ -51,6 +51,17 @@ class EmbeddingBlock(GradientBlock):
         ).coalesce()
         return torch.sparse.mm(sparse, sparse.t()).to_dense()
 
+    def gram_of(self, params: Sequence[Tensor]) -> Tensor:
+        if any(p is self.weight for p in params):
+            return self.gram()
+        batch = self.indices.shape[0]
+        return torch.zeros(batch, batch, dtype=torch.float64, device=self.indices.device)
+
+    def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
+        """Σ_t b_itᵀ V[idx_it] per sample."""
+        rows = values[0].to(self.backprops.dtype)[self.indices]
+        return (rows * self.backprops).sum(dim=(1, 2)).to(torch.float64)
+
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         batch, tokens = self.indices.shape
         weighted = self.backprops * coeffs.to(self.backprops.dtype).view(batch, 1, 1)
