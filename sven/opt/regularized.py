@@ -70,7 +70,7 @@ class RegularizedSolve(Spectrum):
         raise ValueError("the regularised step is the exact minimiser over the full spectrum; it has no leading part")
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        """−d for the residuals r (rows,) and μ = ``damping`` (absolute: the caller applies relative units), op's dtype."""
+        """−d (cols,) in op's dtype for residuals r (rows,) and μ = ``damping`` (absolute units)."""
         mu = damping
         alpha = 1.0 + self.fisher_decay
         penalty = mu + self.decay
