@@ -192,6 +192,33 @@ def test_operator_matches_the_dense_reference(case_name: str) -> None:
     assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
 
 
+@pytest.mark.parametrize("chunk_numel", [1, 12, 30, 1 << 22],
+                         ids=["one_sample_groups", "sample_pairs", "one_chunk_per_parameter", "one_chunk"])
+def test_fallback_chunks_match_the_dense_reference(chunk_numel: int) -> None:
+    """Two 3-entry fallback parameters, B = 10: chunk sizes that force one parameter per chunk, sample groups
+    of 2 and of 1 (every pair of groups re-evaluated), or a single chunk; all exact."""
+    model, batch = CASES["custom_layer"].model_and_batch(torch.float64)
+    engine = GramEngine(model, ParamSpace.of_module(model), chunk_numel=chunk_numel)
+    _, _, operator = engine.compute(per_sample_squared_error, batch)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    coeffs = torch.randn(jacobian.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
+    assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
+
+
+def test_fallback_block_keeps_the_parameters_it_was_computed_at() -> None:
+    """Mᵀc and J Jᵀ stay those of the batch's parameters after the model is changed in place."""
+    model, batch = CASES["custom_layer"].model_and_batch(torch.float64)
+    _, _, operator = engine_operator(model, batch)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    coeffs = torch.ones(jacobian.shape[0], dtype=torch.float64)
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
+    assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
+
+
 def test_token_case_has_repeats_and_padding_that_matter() -> None:
     """The token batch repeats tokens within rows and pads, and the padding row gets no gradient."""
     model, (tokens, _) = CASES["tokens"].model_and_batch(torch.float64)

@@ -6,7 +6,8 @@ outputs gives every layer's per-sample output gradients (row i depends on
 sample i only, since samples do not interact). No parameter gradient is
 computed and no (B, P) tensor is formed: each layer's share of J stays in
 factored form (``sven.jacobian.blocks``). Layers without a registered rule are
-handled exactly by the functorch engine, restricted to their parameters.
+handled exactly by the functorch engine, restricted to their parameters, in
+chunks of at most ``chunk_numel`` per-sample gradient entries (``sven.jacobian.fallback``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from sven.jacobian.blocks import GradientBlock, MaterializedBlock
+from sven.jacobian.blocks import GradientBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
-from sven.jacobian.functorch_engine import LossFn, per_sample_loss_grads
+from sven.jacobian.fallback import RecomputedBlock
+from sven.jacobian.functorch_engine import LossFn
 from sven.jacobian.layers import rule_for
 from sven.jacobian.layers.registry import GramRule
 from sven.jacobian.operator import JacobianOperator
@@ -81,11 +83,18 @@ class GramJacobian(JacobianOperator):
 
 
 class GramEngine:
-    """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch."""
+    """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch.
 
-    def __init__(self, model: nn.Module, params: ParamSpace) -> None:
+    ``chunk_numel`` bounds the per-sample gradient entries (samples × parameter entries)
+    the fallback holds at once.
+    """
+
+    def __init__(self, model: nn.Module, params: ParamSpace, chunk_numel: int = 1 << 22) -> None:
+        if not (isinstance(chunk_numel, int) and chunk_numel >= 1):
+            raise ValueError(f"chunk_numel must be an integer >= 1; got {chunk_numel!r}")
         self.model = model
         self.params = params
+        self.chunk_numel = chunk_numel
         self.hooked: list[_HookedLayer] = []
         self.fallback_names: list[str] = []
         trainable = {id(p) for p in params.tensors}
@@ -182,13 +191,7 @@ class GramEngine:
                 )
 
     def _fallback_block(self, loss_fn: LossFn, batch: tuple) -> GradientBlock:
-        inputs, targets, *extra = batch
-        named = dict(self.model.named_parameters())
-        with torch.no_grad():
-            _, _, grads = per_sample_loss_grads(
-                self.model, loss_fn, inputs, targets, tuple(extra), self.fallback_names
-            )
-        return MaterializedBlock(tuple(named[n] for n in self.fallback_names), grads)
+        return RecomputedBlock(self.model, loss_fn, batch, self.fallback_names, self.chunk_numel)
 
 
 def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tuple) -> None:
