@@ -15,15 +15,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from sven.jacobian.blocks import GradientBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
 from sven.jacobian.fallback import RecomputedBlock
 from sven.jacobian.functorch_engine import LossFn
-from sven.jacobian.layers import rule_for
+from sven.jacobian.layers import children_batch_dim, rule_for
 from sven.jacobian.layers.registry import GramRule
 from sven.jacobian.operator import JacobianOperator
 from sven.jacobian.params import ParamSpace
@@ -31,9 +33,10 @@ from sven.jacobian.params import ParamSpace
 
 @dataclass
 class _Call:
-    activations: Tensor
-    version: int
-    probe: Tensor
+    inputs: Any  # what the rule reads (``GramRule.inputs``), detached
+    versions: tuple[int, ...]  # of the tensors in ``inputs``, when recorded
+    probe: Tensor  # added to the output (its first element if a tuple)
+    side_probes: tuple[Tensor, ...]  # added to the other outputs that require grad: their backprops must vanish
 
 
 @dataclass
@@ -41,6 +44,7 @@ class _HookedLayer:
     name: str
     module: nn.Module
     rule: GramRule
+    batch_dim: int  # where the samples are in its first input and output (its rule gets them on dim 0)
     calls: list[_Call] = field(default_factory=list)
 
 
@@ -99,16 +103,19 @@ class GramEngine:
         self.fallback_names: list[str] = []
         trainable = {id(p) for p in params.tensors}
         name_of = {id(p): n for n, p in zip(params.names, params.tensors)}
-        self._plan(model, "", trainable, name_of)
+        self._plan(model, "", trainable, name_of, batch_dim=0)
 
-    def _plan(self, module: nn.Module, prefix: str, trainable: set[int], name_of: dict[int, str]) -> None:
+    def _plan(
+        self, module: nn.Module, prefix: str, trainable: set[int], name_of: dict[int, str], batch_dim: int
+    ) -> None:
         own = list(module.parameters(recurse=False))
         own_trainable = [p for p in own if id(p) in trainable]
         if not own_trainable:
+            inside = children_batch_dim(module, batch_dim)
             for child_name, child in module.named_children():
-                self._plan(child, f"{prefix}.{child_name}" if prefix else child_name, trainable, name_of)
-        elif rule_for(module) is not None and len(own_trainable) == len(own):
-            self.hooked.append(_HookedLayer(prefix, module, rule_for(module)))
+                self._plan(child, f"{prefix}.{child_name}" if prefix else child_name, trainable, name_of, inside)
+        elif rule_for(module) is not None and all(id(p) in trainable for p in module.parameters()):
+            self.hooked.append(_HookedLayer(prefix, module, rule_for(module), batch_dim))
         else:
             self.fallback_names += [name_of[id(p)] for p in module.parameters() if id(p) in trainable]
 
@@ -125,13 +132,17 @@ class GramEngine:
         for layer in self.hooked:
             layer.calls.clear()
 
-            def hook(module: nn.Module, args: tuple, output: Tensor, layer: _HookedLayer = layer) -> Tensor:
-                probe = torch.zeros_like(output, requires_grad=True)
-                activations = args[0].detach()
-                layer.calls.append(_Call(activations, activations._version, probe))
-                return output + probe
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, layer: _HookedLayer = layer) -> Any:
+                inputs = _detached(layer.rule.inputs(args, kwargs))
+                first, *others = output if isinstance(output, tuple) else (output,)
+                probe = torch.zeros_like(first, requires_grad=True)
+                side = {i: torch.zeros_like(t, requires_grad=True) for i, t in enumerate(others)
+                        if isinstance(t, Tensor) and t.requires_grad}
+                layer.calls.append(_Call(inputs, _versions(inputs), probe, tuple(side.values())))
+                probed = [t + side[i] if i in side else t for i, t in enumerate(others)]
+                return (first + probe, *probed) if isinstance(output, tuple) else first + probe
 
-            handles.append(layer.module.register_forward_hook(hook))
+            handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
@@ -149,11 +160,13 @@ class GramEngine:
             preds = self.model(inputs)
             losses = check_per_sample_losses(loss_fn(preds, targets, *extra), batch_size)
             probes = [call.probe for layer in self.hooked for call in layer.calls]
+            side = [(layer, probe) for layer in self.hooked for call in layer.calls for probe in call.side_probes]
             uncalled = [layer for layer in self.hooked if not layer.calls]
-            uncalled_params = [p for layer in uncalled for p in layer.module.parameters(recurse=False)]
-            wanted = probes + uncalled_params
+            uncalled_params = [p for layer in uncalled for p in layer.module.parameters()]
+            wanted = probes + [probe for _, probe in side] + uncalled_params
             grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True) if wanted else ()
-        _check_uncalled_layers_unused(uncalled, grads[len(probes):])
+        _check_side_outputs_unused([layer for layer, _ in side], grads[len(probes):len(probes) + len(side)])
+        _check_uncalled_layers_unused(uncalled, grads[len(probes) + len(side):])
         blocks = self._layer_blocks(iter(grads[: len(probes)]))
         if self.fallback_names:
             blocks.append(self._fallback_block(loss_fn, batch))
@@ -165,14 +178,14 @@ class GramEngine:
             per_call = []
             for call in layer.calls:
                 grad = next(backprops)
-                if call.activations._version != call.version:
+                if _versions(call.inputs) != call.versions:
                     raise RuntimeError(
                         f"the input of layer '{layer.name}' was modified in place after the layer used it; "
                         "Sven's Gram engine needs it unchanged (avoid inplace=True on that tensor, "
                         "or use SvenWrapper(..., engine='functorch'))"
                     )
                 grad = torch.zeros_like(call.probe) if grad is None else grad
-                per_call.append(layer.rule(layer.module, call.activations, grad))
+                per_call.append(layer.rule(layer.module, call.inputs, grad, layer.batch_dim))
             if len(per_call) == 1:
                 blocks += per_call[0]
             elif per_call:
@@ -198,7 +211,7 @@ def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tup
     """A hooked layer whose forward never ran must not influence the loss (else its rows would be lost)."""
     grads = iter(param_grads)
     for layer in uncalled:
-        for _ in layer.module.parameters(recurse=False):
+        for _ in layer.module.parameters():
             grad = next(grads)
             if grad is not None and bool(grad.ne(0).any()):
                 raise RuntimeError(
@@ -207,3 +220,25 @@ def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tup
                     "elsewhere); the Gram engine cannot see them. Use SvenWrapper(..., engine='functorch')."
                 )
 
+
+
+def _detached(inputs: Any) -> Any:
+    """``inputs`` with every tensor detached; a tensor passed twice stays one tensor (``query is key``)."""
+    seen: dict[int, Tensor] = {}
+    return tree_map_only(Tensor, lambda t: seen.setdefault(id(t), t.detach()), inputs)
+
+
+def _versions(inputs: Any) -> tuple[int, ...]:
+    """The version counters of the tensors in ``inputs`` (shared with the tensors they were detached from)."""
+    return tuple(t._version for t in tree_leaves(inputs) if isinstance(t, Tensor))
+
+
+def _check_side_outputs_unused(layers: list[_HookedLayer], side_grads: tuple) -> None:
+    """Outputs of a hooked call other than the first (attention weights) must not influence the loss."""
+    for layer, grad in zip(layers, side_grads):
+        if grad is not None and bool(grad.ne(0).any()):
+            raise RuntimeError(
+                f"the loss depends on an output of layer '{layer.name}' ({type(layer.module).__name__}) other than "
+                "its first (e.g. attention weights), which its Gram rule does not cover. "
+                "Use SvenWrapper(..., engine='functorch')."
+            )
