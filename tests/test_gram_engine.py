@@ -290,10 +290,12 @@ def test_fallback_chunks_match_the_dense_reference(chunk_numel: int) -> None:
     assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
 
 
-def test_fallback_block_keeps_the_parameters_it_was_computed_at() -> None:
+@pytest.mark.parametrize("chunk_numel", [1, 1 << 22], ids=["recomputed", "kept"])
+def test_fallback_block_keeps_the_parameters_it_was_computed_at(chunk_numel: int) -> None:
     """Mᵀc and J Jᵀ stay those of the batch's parameters after the model is changed in place."""
     model, batch = CASES["custom_layer"].model_and_batch(torch.float64)
-    _, _, operator = engine_operator(model, batch)
+    engine = GramEngine(model, ParamSpace.of_module(model), chunk_numel=chunk_numel)
+    _, _, operator = engine.compute(per_sample_squared_error, batch)
     _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
     with torch.no_grad():
         for param in model.parameters():

@@ -4,10 +4,13 @@ Per-sample gradients of those parameters come from ``torch.func`` (vmap of grad)
 are never held for all of them at once: ``gram()`` evaluates them in chunks of at
 most ``chunk_numel`` gradient entries (samples × parameter entries) and sums the
 chunks' Gram matrices; ``weighted_sum(c)`` is the gradient of Σ_i c_i l_i, one
-ordinary batched backward, with no per-sample gradient at all.
+ordinary batched backward, with no per-sample gradient at all. When all of them fit in
+one chunk they are evaluated once and kept for both.
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +55,8 @@ class RecomputedBlock(GradientBlock):
     together when B × chunk ≤ ``chunk_numel``; otherwise (one tensor larger than that) in
     groups of ``chunk_numel // (2·numel)`` samples, two groups held at a time, at the cost
     of re-evaluating the groups for every pair (about B·numel / chunk_numel times the work).
+    When B × (all the block's parameter entries) ≤ ``chunk_numel`` the per-sample gradients
+    are evaluated once and kept.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: tuple, names: list[str], chunk_numel: int) -> None:
@@ -77,7 +82,16 @@ class RecomputedBlock(GradientBlock):
                 tuple(e[rows] for e in extra), names, self.values,
             )[2]
 
+    @cached_property
+    def _kept(self) -> list[Tensor] | None:
+        """All per-sample gradients if they fit in one chunk, else None."""
+        if self.batch_size * sum(p.numel() for p in self.params) > self.chunk_numel:
+            return None
+        return self.per_sample()
+
     def gram(self) -> Tensor:
+        if self._kept is not None:
+            return _gram_between(self._kept, self._kept)
         batch = self.batch_size
         gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.batch[1].device)
         numels = [p.numel() for p in self.params]
@@ -96,7 +110,10 @@ class RecomputedBlock(GradientBlock):
         return gram
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
-        """The gradient of Σ_i c_i l_i w.r.t. the block's parameters: one batched forward and backward."""
+        """Σ_i c_i g_i from the kept per-sample gradients, else as the gradient of Σ_i c_i l_i w.r.t. the
+        block's parameters: one batched forward and backward."""
+        if self._kept is not None:
+            return [torch.tensordot(coeffs.to(g.dtype), g, dims=1) for g in self._kept]
         inputs, targets, *extra = self.batch
         leaves = {name: self.values[name].detach().requires_grad_() for name in self.names}
         with torch.enable_grad():
