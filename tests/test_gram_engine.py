@@ -338,6 +338,22 @@ def test_attention_dropout_in_train_mode_is_refused() -> None:
         engine_operator(model, (x, x))
 
 
+def test_eval_mode_transformer_takes_no_fused_path_while_recording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's fused inference kernels (which skip the hooked submodules) run only without grad."""
+    model, batch = CASES["encoder_eval_with_dropout"].model_and_batch(torch.float64)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)  # (takes the fused path)
+
+    def fused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fused fast path taken")
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", fused)
+    monkeypatch.setattr(torch, "_native_multi_head_attention", fused)
+    with torch.no_grad(), pytest.raises(AssertionError, match="fused fast path taken"):
+        model.layer(torch.randn(2, 5, 4, dtype=torch.float64))
+    _, _, operator = engine_operator(model, batch)
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
+
+
 def test_token_case_has_repeats_and_padding_that_matter() -> None:
     """The token batch repeats tokens within rows and pads, and the padding row gets no gradient."""
     model, (tokens, _) = CASES["tokens"].model_and_batch(torch.float64)
