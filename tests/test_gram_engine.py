@@ -233,6 +233,11 @@ CASES = {
     "cross_attention_padding": ModelCase(lambda: AttentionModel("cross", "padding", batch_first=False),
                                          _normal(4, 3), (4, 2)),
     "cross_attention_kdim_vdim": ModelCase(lambda: AttentionModel("separate", "padding"), _normal(4, 3), (4, 2)),
+    "attention_bias_kv_on_the_fallback": ModelCase(
+        lambda: AttentionModel(add_bias_kv=True), _normal(4, 3), (4, 2),
+        fallback=tuple(f"attention.{name}" for name in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+                                                        "out_proj.weight", "out_proj.bias")),
+    ),
     **{
         f"{kind}_{layout}_{norm}": ModelCase(
             lambda kind=kind, layout=layout, norm=norm: TransformerModel(

@@ -42,7 +42,14 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-def attention(layer: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any]) -> Tensor:
+def _projection_weights(layer: nn.MultiheadAttention) -> tuple[Tensor, Tensor, Tensor]:
+    """The q, k, v projection weights (E, d_q), (E, d_k), (E, d_v): views of in_proj_weight when packed."""
+    if layer._qkv_same_embed_dim:
+        return layer.in_proj_weight.chunk(3)
+    return layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight
+
+
+def _attention(layer: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, call: dict[str, Any]) -> Tensor:
     """softmax(q kᵀ/√d + mask) v per head as ``layer`` computes it, before ``out_proj``.
 
     q (N, L, E), k and v (N, S, E) projected; ``call`` the bound arguments of the forward.
@@ -54,7 +61,7 @@ def attention(layer: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, cal
     mask = None
     if attn_mask is not None and not causal:
         mask = _additive(attn_mask, q.dtype)
-        mask = mask.view(batch, layer.num_heads, target, -1) if mask.dim() == 3 else mask
+        mask = mask.reshape(batch, layer.num_heads, target, -1) if mask.dim() == 3 else mask
     if padding is not None:
         padding = _additive(padding, q.dtype).view(batch, 1, 1, -1)
         mask = padding if mask is None else mask + padding
@@ -72,8 +79,9 @@ def _input_projection_blocks(
     as query and key counts once), each with its backprops in the rows of its roles, zero elsewhere.
     """
     if not layer._qkv_same_embed_dim:
-        weights = (layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight)
-        blocks: list[GradientBlock] = [OuterProductBlock(w, None, x, g) for w, x, g in zip(weights, inputs, grads)]
+        blocks: list[GradientBlock] = [
+            OuterProductBlock(w, None, x, g) for w, x, g in zip(_projection_weights(layer), inputs, grads)
+        ]
         if layer.in_proj_bias is not None:
             blocks.append(MaterializedBlock((layer.in_proj_bias,), [torch.cat([g.sum(dim=1) for g in grads], 1)]))
         return blocks
@@ -109,16 +117,14 @@ def attention_blocks(
     originals = [call[name] for name in ("query", "key", "value")]
     transposed = {id(x): batch_major(x) for x in originals}
     tokens = [transposed[id(x)] for x in originals]  # "query is key" stays true after the transpose
-    weights = (
-        layer.in_proj_weight.chunk(3) if layer._qkv_same_embed_dim
-        else (layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight)
-    )
     biases = (None,) * 3 if layer.in_proj_bias is None else layer.in_proj_bias.chunk(3)
     with torch.no_grad():
-        projected = [F.linear(x, w, b).requires_grad_() for x, w, b in zip(tokens, weights, biases)]
+        projected = [
+            F.linear(x, w, b).requires_grad_() for x, w, b in zip(tokens, _projection_weights(layer), biases)
+        ]
     out_grads = batch_major(backprops)
     with torch.enable_grad():
-        attended = attention(layer, *projected, call)
+        attended = _attention(layer, *projected, call)
         grads = torch.autograd.grad(attended, projected, out_grads @ layer.out_proj.weight.detach())
     out_proj = OuterProductBlock(layer.out_proj.weight, layer.out_proj.bias, attended.detach(), out_grads)
     return [*_input_projection_blocks(layer, tokens, list(grads)), out_proj]
