@@ -64,8 +64,8 @@ class RecomputedBlock(GradientBlock):
         self.loss_fn = loss_fn
         self.batch = batch
         self.names = names
-        self.values = {name: p.detach().clone() for name, p in model.named_parameters()}
         named = dict(model.named_parameters())
+        self.values = {name: p.detach().clone() for name, p in named.items()}
         self.params = tuple(named[name] for name in names)
         self.chunk_numel = chunk_numel
 

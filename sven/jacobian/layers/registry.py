@@ -1,7 +1,7 @@
 """Registry of Gram rules: one function per layer type, Opacus-style.
 
 A rule maps (layer, input activation, output backprops) to the gradient blocks
-of the layer's own parameters. Lookup is by exact type, so a subclass that
+of the layer's parameters (its children's included). Lookup is by exact type, so a subclass that
 changes ``forward`` is never mistaken for its parent; unregistered layers go to
 the functorch fallback.
 """
