@@ -138,11 +138,12 @@ class AttentionModel(nn.Module):
 
 class TransformerModel(nn.Module):
     """Linear → nn.TransformerEncoderLayer or nn.TransformerDecoderLayer (memory: the input mapped by a
-    Linear) with a causal mask and per-sample key padding → Linear, (B, T, 3) → (B, T, 2)."""
+    Linear) with a causal mask and per-sample key padding (or no masks) → Linear, (B, T, 3) → (B, T, 2)."""
 
-    def __init__(self, decoder: bool, batch_first: bool, norm_first: bool, dropout: float = 0.0) -> None:
+    def __init__(self, decoder: bool, batch_first: bool, norm_first: bool, dropout: float = 0.0,
+                 masks: bool = True) -> None:
         super().__init__()
-        self.decoder, self.batch_first = decoder, batch_first
+        self.decoder, self.batch_first, self.masks = decoder, batch_first, masks
         layer_type = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
         self.inp = nn.Linear(3, 4)
         self.memory = nn.Linear(3, 4)
@@ -152,15 +153,15 @@ class TransformerModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, memory = self.inp(x), torch.tanh(self.memory(x))
-        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
-        padding, memory_padding = _key_padding(h), _key_padding(memory)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1) if self.masks else None
+        padding, memory_padding = (_key_padding(h), _key_padding(memory)) if self.masks else (None, None)
         if not self.batch_first:
             h, memory = h.transpose(0, 1), memory.transpose(0, 1)
         if self.decoder:
-            out = self.layer(h, memory, tgt_mask=causal, tgt_key_padding_mask=padding, tgt_is_causal=True,
+            out = self.layer(h, memory, tgt_mask=causal, tgt_key_padding_mask=padding, tgt_is_causal=self.masks,
                              memory_key_padding_mask=memory_padding)
         else:
-            out = self.layer(h, src_mask=causal, src_key_padding_mask=padding, is_causal=True)
+            out = self.layer(h, src_mask=causal, src_key_padding_mask=padding, is_causal=self.masks)
         return self.out(out if self.batch_first else out.transpose(0, 1))
 
 
@@ -248,6 +249,9 @@ CASES = {
         for layout in ("batch_first", "sequence_first")
         for norm in ("norm_first", "norm_last")
     },
+    "decoder_no_masks": ModelCase(
+        lambda: TransformerModel(decoder=True, batch_first=False, norm_first=False, masks=False), _normal(5, 3), (5, 2),
+    ),
     "encoder_eval_with_dropout": ModelCase(
         lambda: TransformerModel(decoder=False, batch_first=True, norm_first=False, dropout=0.1).eval(),
         _normal(5, 3), (5, 2),
@@ -343,6 +347,14 @@ def test_attention_dropout_in_train_mode_is_refused() -> None:
         engine_operator(model, (x, x))
 
 
+def test_attention_dropout_is_refused_when_attention_takes_the_fallback() -> None:
+    """On the fallback (bias_k) the per-sample pass would draw other attention dropout masks."""
+    model = AttentionModel(add_bias_kv=True, dropout=0.2).to(torch.float64)
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"module 'attention' \(MultiheadAttention, p=0.2\) is active"):
+        engine_operator(model, (x, torch.zeros(3, 4, 2, dtype=torch.float64)))
+
+
 def test_eval_mode_transformer_takes_no_fused_path_while_recording(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's fused inference kernels (which skip the hooked submodules) run only without grad."""
     model, batch = CASES["encoder_eval_with_dropout"].model_and_batch(torch.float64)
@@ -393,7 +405,7 @@ def reference_step(case: ModelCase, dtype: torch.dtype, microbatch_size: int) ->
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("svd_mode", ["gram", "auto"])
 @pytest.mark.parametrize("case_name", ["mlp", "cnn", "tokens", "custom_layer", "shared_weights", "attention",
-                                       "decoder_batch_first_norm_first"])
+                                       "decoder_batch_first_norm_first", "encoder_sequence_first_norm_last"])
 def test_sven_step_on_the_gram_engine_matches_the_reference(
     case_name: str, svd_mode: str, dtype: torch.dtype, microbatch_size: int
 ) -> None:

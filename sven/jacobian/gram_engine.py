@@ -195,9 +195,10 @@ class GramEngine:
     def _check_no_active_dropout(self) -> None:
         """The fallback re-runs the model per sample and would draw other dropout masks than the batched pass."""
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            if module.training and _dropout_probability(module) > 0:
                 raise ValueError(
-                    f"module '{name}' ({type(module).__name__}, p={module.p}) is active while parameters "
+                    f"module '{name}' ({type(module).__name__}, p={_dropout_probability(module)}) is active "
+                    f"while parameters "
                     f"{self.fallback_names} use the Gram engine's functorch fallback, which re-runs the model "
                     "per sample with different dropout masks, so the Jacobian would not match the losses. "
                     "Use SvenWrapper(..., engine='functorch') (one evaluation gives both), or model.eval()."
@@ -220,6 +221,15 @@ def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tup
                     "elsewhere); the Gram engine cannot see them. Use SvenWrapper(..., engine='functorch')."
                 )
 
+
+
+def _dropout_probability(module: nn.Module) -> float:
+    """p of a Dropout layer or of nn.MultiheadAttention's attention dropout; 0 for other modules."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout
+    return 0.0
 
 
 def _detached(inputs: Any) -> Any:
