@@ -82,19 +82,86 @@ class TokenModel(nn.Module):
         return self.out(torch.tanh(self.mix(self.norm(self.embed(tokens)))))
 
 
-class AttentionModel(nn.Module):
-    """Linear → nn.MultiheadAttention (fallback) → Linear over (B, T, d)."""
+def _key_padding(keys: Tensor) -> Tensor:
+    """Per-sample key padding (B, S) read off each sample's keys: first feature < -0.3, never position 0."""
+    mask = keys[..., 0] < -0.3
+    mask[:, 0] = False
+    return mask
 
-    def __init__(self) -> None:
+
+def _mask_kwargs(masks: str, query: Tensor, keys: Tensor, heads: int) -> dict[str, Tensor | bool]:
+    """Masks for queries (B, L, d) and keys (B, S, d): "causal" (bool (L, S) with the is_causal hint and
+    need_weights=False, MultiheadAttention's is_causal route),
+    "padding" (per-sample key padding and a float (L, S) mask) or "per_sample" (bool (B·heads, L, S))."""
+    length, source = query.shape[1], keys.shape[1]
+    if masks == "causal":
+        return {"attn_mask": torch.ones(length, source, dtype=torch.bool).triu(1), "is_causal": True,
+                "need_weights": False}
+    if masks == "padding":
+        scores = torch.linspace(-1, 1, length * source, dtype=query.dtype).view(length, source)
+        return {"key_padding_mask": _key_padding(keys), "attn_mask": scores}
+    if masks == "per_sample":
+        blocked = (query[:, :, None, 1] * keys[:, None, :, 1] > 0.2) & ~torch.eye(length, source, dtype=torch.bool)
+        return {"attn_mask": blocked.repeat_interleave(heads, dim=0)}
+    return {}
+
+
+class AttentionModel(nn.Module):
+    """Linear → nn.MultiheadAttention → Linear, (B, T, 3) → (B, T, 2).
+
+    ``source``: "self" (query = key = value), "cross" (key = value from the input's last T − 1
+    positions) or "separate" (key and value from two other Linear maps, kdim 3 and vdim 5).
+    """
+
+    def __init__(self, source: str = "self", masks: str = "", batch_first: bool = True, **options: bool) -> None:
         super().__init__()
+        self.source, self.masks, self.batch_first = source, masks, batch_first
+        dims = {"kdim": 3, "vdim": 5} if source == "separate" else {}
         self.inp = nn.Linear(3, 4)
-        self.attention = nn.MultiheadAttention(4, num_heads=2, batch_first=True)
+        self.key = nn.Linear(3, dims.get("kdim", 4))
+        self.value = nn.Linear(3, dims.get("vdim", 4))
+        self.attention = nn.MultiheadAttention(4, num_heads=2, batch_first=batch_first, **dims, **options)
         self.out = nn.Linear(4, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.inp(x)
-        attended, _ = self.attention(h, h, h, need_weights=False)
-        return self.out(attended)
+        query = self.inp(x)
+        key = value = query if self.source == "self" else torch.tanh(self.key(x[:, 1:]))
+        if self.source == "separate":
+            value = self.value(x[:, 1:])
+        options = _mask_kwargs(self.masks, query, key, self.attention.num_heads)
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        attended, _ = self.attention(query, key, value, **options)
+        return self.out(attended if self.batch_first else attended.transpose(0, 1))
+
+
+class TransformerModel(nn.Module):
+    """Linear → nn.TransformerEncoderLayer or nn.TransformerDecoderLayer (memory: the input mapped by a
+    Linear) with a causal mask and per-sample key padding (or no masks) → Linear, (B, T, 3) → (B, T, 2)."""
+
+    def __init__(self, decoder: bool, batch_first: bool, norm_first: bool, dropout: float = 0.0,
+                 masks: bool = True) -> None:
+        super().__init__()
+        self.decoder, self.batch_first, self.masks = decoder, batch_first, masks
+        layer_type = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
+        self.inp = nn.Linear(3, 4)
+        self.memory = nn.Linear(3, 4)
+        self.layer = layer_type(4, nhead=2, dim_feedforward=6, dropout=dropout, batch_first=batch_first,
+                                norm_first=norm_first)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, memory = self.inp(x), torch.tanh(self.memory(x))
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1) if self.masks else None
+        padding, memory_padding = (_key_padding(h), _key_padding(memory)) if self.masks else (None, None)
+        if not self.batch_first:
+            h, memory = h.transpose(0, 1), memory.transpose(0, 1)
+        if self.decoder:
+            out = self.layer(h, memory, tgt_mask=causal, tgt_key_padding_mask=padding, tgt_is_causal=self.masks,
+                             memory_key_padding_mask=memory_padding)
+        else:
+            out = self.layer(h, src_mask=causal, src_key_padding_mask=padding, is_causal=self.masks)
+        return self.out(out if self.batch_first else out.transpose(0, 1))
 
 
 @dataclass(frozen=True)
@@ -157,10 +224,36 @@ CASES = {
     ),
     "shared_weights": ModelCase(SharedLinear, _normal(4), (2,)),
     "shared_embedding": ModelCase(SharedEmbedding, _tokens, (6, 2)),
-    "attention": ModelCase(
-        AttentionModel, _normal(3, 3), (3, 2),
-        fallback=("attention.in_proj_weight", "attention.in_proj_bias",
-                  "attention.out_proj.weight", "attention.out_proj.bias"),
+    "attention": ModelCase(AttentionModel, _normal(4, 3), (4, 2)),
+    "attention_sequence_first_causal": ModelCase(lambda: AttentionModel(masks="causal", batch_first=False),
+                                                 _normal(4, 3), (4, 2)),
+    "attention_padding_float_mask": ModelCase(lambda: AttentionModel(masks="padding"), _normal(4, 3), (4, 2)),
+    "attention_per_sample_mask_no_bias": ModelCase(lambda: AttentionModel(masks="per_sample", bias=False),
+                                                   _normal(4, 3), (4, 2)),
+    "cross_attention_padding": ModelCase(lambda: AttentionModel("cross", "padding", batch_first=False),
+                                         _normal(4, 3), (4, 2)),
+    "cross_attention_kdim_vdim": ModelCase(lambda: AttentionModel("separate", "padding"), _normal(4, 3), (4, 2)),
+    "attention_bias_kv_on_the_fallback": ModelCase(
+        lambda: AttentionModel(add_bias_kv=True), _normal(4, 3), (4, 2),
+        fallback=tuple(f"attention.{name}" for name in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+                                                        "out_proj.weight", "out_proj.bias")),
+    ),
+    **{
+        f"{kind}_{layout}_{norm}": ModelCase(
+            lambda kind=kind, layout=layout, norm=norm: TransformerModel(
+                kind == "decoder", layout == "batch_first", norm == "norm_first"),
+            _normal(5, 3), (5, 2),
+        )
+        for kind in ("encoder", "decoder")
+        for layout in ("batch_first", "sequence_first")
+        for norm in ("norm_first", "norm_last")
+    },
+    "decoder_no_masks": ModelCase(
+        lambda: TransformerModel(decoder=True, batch_first=False, norm_first=False, masks=False), _normal(5, 3), (5, 2),
+    ),
+    "encoder_eval_with_dropout": ModelCase(
+        lambda: TransformerModel(decoder=False, batch_first=True, norm_first=False, dropout=0.1).eval(),
+        _normal(5, 3), (5, 2),
     ),
     "batch_norm_eval": ModelCase(
         lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval(), _normal(4), (2,),
@@ -189,6 +282,92 @@ def test_operator_matches_the_dense_reference(case_name: str) -> None:
     coeffs = torch.randn(jacobian.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert relative_error(operator.rmatmul(coeffs[:, 0]), jacobian.T @ coeffs[:, 0]) <= GRAM_TOLERANCE
     assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
+
+
+@pytest.mark.parametrize("chunk_numel", [1, 12, 30, 1 << 22],
+                         ids=["one_sample_groups", "sample_pairs", "one_chunk_per_parameter", "one_chunk"])
+def test_fallback_chunks_match_the_dense_reference(chunk_numel: int) -> None:
+    """Two 3-entry fallback parameters, B = 10: chunk sizes that force one parameter per chunk, sample groups
+    of 2 and of 1 (every pair of groups re-evaluated), or a single chunk; all exact."""
+    model, batch = CASES["custom_layer"].model_and_batch(torch.float64)
+    engine = GramEngine(model, ParamSpace.of_module(model), chunk_numel=chunk_numel)
+    _, _, operator = engine.compute(per_sample_squared_error, batch)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    coeffs = torch.randn(jacobian.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
+    assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
+
+
+@pytest.mark.parametrize("chunk_numel", [1, 1 << 22], ids=["recomputed", "kept"])
+def test_fallback_block_keeps_the_parameters_it_was_computed_at(chunk_numel: int) -> None:
+    """Mᵀc and J Jᵀ stay those of the batch's parameters after the model is changed in place."""
+    model, batch = CASES["custom_layer"].model_and_batch(torch.float64)
+    engine = GramEngine(model, ParamSpace.of_module(model), chunk_numel=chunk_numel)
+    _, _, operator = engine.compute(per_sample_squared_error, batch)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    coeffs = torch.ones(jacobian.shape[0], dtype=torch.float64)
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
+    assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
+
+
+def test_attention_masks_of_the_cases_mask_some_keys_but_no_whole_row() -> None:
+    model, (x, _) = CASES["attention_padding_float_mask"].model_and_batch(torch.float64)
+    padding = _key_padding(model.inp(x))
+    assert bool(padding.any()) and not bool(padding.all(dim=1).any())
+    blocked = _mask_kwargs("per_sample", model.inp(x), model.inp(x), 2)["attn_mask"]
+    assert bool(blocked.any()) and not bool(blocked.all(dim=-1).any())
+
+
+def test_attention_weights_in_the_loss_are_refused() -> None:
+    """The rule covers the attention output only; a loss that reads the weights must not get a wrong Jacobian."""
+
+    class WeightedByAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            attended, weights = self.attention(x, x, x)
+            return attended * weights[..., :1]
+
+    model = WeightedByAttention().to(torch.float64)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"other than its first \(e.g. attention weights\).*functorch"):
+        engine_operator(model, (x, x))
+
+
+def test_attention_dropout_in_train_mode_is_refused() -> None:
+    model = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.1, batch_first=True).to(torch.float64)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"MultiheadAttention\(dropout=0.1\) in train mode.*eval"):
+        engine_operator(model, (x, x))
+
+
+def test_attention_dropout_is_refused_when_attention_takes_the_fallback() -> None:
+    """On the fallback (bias_k) the per-sample pass would draw other attention dropout masks."""
+    model = AttentionModel(add_bias_kv=True, dropout=0.2).to(torch.float64)
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"module 'attention' \(MultiheadAttention, p=0.2\) is active"):
+        engine_operator(model, (x, torch.zeros(3, 4, 2, dtype=torch.float64)))
+
+
+def test_eval_mode_transformer_takes_no_fused_path_while_recording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's fused inference kernels (which skip the hooked submodules) run only without grad."""
+    model, batch = CASES["encoder_eval_with_dropout"].model_and_batch(torch.float64)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)  # (takes the fused path)
+
+    def fused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fused fast path taken")
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", fused)
+    monkeypatch.setattr(torch, "_native_multi_head_attention", fused)
+    with torch.no_grad(), pytest.raises(AssertionError, match="fused fast path taken"):
+        model.layer(torch.randn(2, 5, 4, dtype=torch.float64))
+    _, _, operator = engine_operator(model, batch)
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
 
 
 def test_token_case_has_repeats_and_padding_that_matter() -> None:
@@ -224,7 +403,8 @@ def reference_step(case: ModelCase, dtype: torch.dtype, microbatch_size: int) ->
 @pytest.mark.parametrize("microbatch_size", [1, 2, 3], ids=["no_microbatch", "microbatch_2", "ragged_3"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("svd_mode", ["gram", "auto"])
-@pytest.mark.parametrize("case_name", ["mlp", "cnn", "tokens", "custom_layer", "shared_weights", "attention"])
+@pytest.mark.parametrize("case_name", ["mlp", "cnn", "tokens", "custom_layer", "shared_weights", "attention",
+                                       "decoder_batch_first_norm_first", "encoder_sequence_first_norm_last"])
 def test_sven_step_on_the_gram_engine_matches_the_reference(
     case_name: str, svd_mode: str, dtype: torch.dtype, microbatch_size: int
 ) -> None:

@@ -4,6 +4,8 @@ A ``TorchDispatchMode`` records the number of elements of every tensor each aten
 returns (forward, autograd backward and the solver alike). On an MLP where B·P is far
 larger than every activation and weight, ``loss_and_grad`` + ``step`` must stay below
 B·P / 4 — and the functorch engine, which materialises J, must trip the same detector.
+A module without a Gram rule (the functorch fallback) holds at most ``chunk_numel``
+per-sample gradient entries at once, never B × P_module.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_batch, make_mlp, per_sample_mse
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -39,11 +42,13 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-def largest_allocation_of_a_step(engine: str, svd_mode: str, k: int) -> tuple[int, str, int]:
+def largest_allocation_of_a_step(
+    engine: str, svd_mode: str, k: int, model: nn.Module | None = None, **wrapper_options: int
+) -> tuple[int, str, int]:
     """(largest numel, its op, B·P) over one ``loss_and_grad`` + ``step`` of Sven on ``engine``."""
-    model = make_mlp(SIZES, torch.float32)
+    model = make_mlp(SIZES, torch.float32) if model is None else model
     batch = make_batch(BATCH, SIZES[0], SIZES[-1], torch.float32)
-    wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine, **wrapper_options)
     optimizer = Sven(wrapped, lr=0.1, k=k, svd_mode=svd_mode)
     wrapped.loss_and_grad(batch)
     optimizer.step()
@@ -74,3 +79,28 @@ def test_the_detector_trips_on_the_functorch_engine() -> None:
     """The same recorder sees the functorch engine's materialised Jacobian (B·P elements)."""
     largest, _, jacobian_size = largest_allocation_of_a_step("functorch", "gram", 64)
     assert largest >= jacobian_size
+
+
+class TwoMatrices(nn.Module):
+    """A layer without a Gram rule: x ↦ tanh(x A) B for two (width, width) matrices."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(width, width) / width**0.5)
+        self.second = nn.Parameter(torch.randn(width, width) / width**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.first) @ self.second
+
+
+@pytest.mark.parametrize("chunks_per_matrix", [1, 4], ids=["one_matrix_a_chunk", "sample_groups"])
+def test_fallback_holds_at_most_chunk_numel_per_sample_gradient_entries(chunks_per_matrix: int) -> None:
+    """B × (one 64 × 64 matrix), or a quarter of it (groups of 4 samples), never B × P_module."""
+    torch.manual_seed(0)
+    width = SIZES[0]
+    model = nn.Sequential(TwoMatrices(width), nn.Tanh(), nn.Linear(width, SIZES[-1]))
+    chunk_numel = BATCH * width * width // chunks_per_matrix
+    wrapped_plan = SvenWrapper(model, per_sample_mse, engine="gram").engine_plan()
+    assert wrapped_plan["fallback_parameters"] == ["0.first", "0.second"]
+    largest, op, _ = largest_allocation_of_a_step("gram", "gram", 64, model, fallback_chunk_numel=chunk_numel)
+    assert largest <= chunk_numel < BATCH * 2 * width * width, f"{op} returned {largest} elements"

@@ -146,3 +146,35 @@ def test_adaptive_damping_searches_mu_of_the_regularised_step() -> None:
     assert optimizer.last_step["accepted"]
     d = normal_equation_step(jacobian, residuals, theta, torch.full_like(theta, 0.05), mu, 0.0)
     assert relative_error(flat_parameters(model) - theta, LR * d) <= TOLERANCE
+
+
+class Shift(torch.nn.Module):
+    """A layer without a Gram rule (x + shift): its parameter goes to the Gram engine's fallback."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.linspace(-0.5, 0.5, width, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x + self.shift)
+
+
+@pytest.mark.parametrize("chunk_numel", [2**22, 8], ids=["kept", "recomputed"])
+def test_a_fallback_layer_takes_part_in_the_regularised_step(chunk_numel: int) -> None:
+    """M θ, the per-group Grams and Mᵀc of a fallback block (kept or recomputed in chunks) enter the solve."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), Shift(5), torch.nn.Linear(5, 2)).double()
+    batch = make_batch(6, 3, 2)
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch, kappa=1.0)
+    theta = flat_parameters(model)
+    decay = torch.cat([torch.full((p.numel(),), 0.1 if name.endswith("weight") else 0.0, dtype=torch.float64)
+                       for name, p in model.named_parameters()])
+    d = normal_equation_step(jacobian, residuals, theta, decay, 0.0, 0.3)
+    wrapped = SvenWrapper(model, per_sample_mse, kappa=1.0, fallback_chunk_numel=chunk_numel)
+    assert wrapped.engine_plan()["fallback_parameters"] == ["1.shift"]
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("weight")]
+    optimizer = Sven(wrapped, lr=LR, params=[{"params": weights, "weight_decay": 0.1}, {"params": others}],
+                     fisher_decay=0.3)
+    optimizer.step(batch)
+    assert relative_error(flat_parameters(model) - theta, LR * d) <= TOLERANCE

@@ -29,19 +29,22 @@ def per_sample_loss_grads(
     targets: Tensor,
     extra: tuple[Tensor, ...],
     names: list[str],
+    values: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Per-sample gradients of the loss w.r.t. the named parameters.
 
     Returns (losses (B,), predictions (B, ...), [grad (B, *param.shape) per name]).
-    Parameters not named are held constant.
+    Parameters not named are held constant. ``values`` (name → tensor, every
+    parameter) evaluates the model at those values instead of its current ones.
     """
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters()) if values is None else values
     chosen = {n: named[n].detach() for n in names}
+    fixed = {} if values is None else {n: v for n, v in values.items() if n not in chosen}
     batch_size = targets.shape[0]
 
     def sample_loss(params: dict[str, Tensor], x: Any, y: Tensor, *rest: Tensor):
         add_batch = lambda t: t.unsqueeze(0)  # noqa: E731
-        pred = functional_call(model, params, (torch.utils._pytree.tree_map(add_batch, x),))
+        pred = functional_call(model, {**fixed, **params}, (torch.utils._pytree.tree_map(add_batch, x),))
         loss = loss_fn(pred, y.unsqueeze(0), *(r.unsqueeze(0) for r in rest))
         if not isinstance(loss, Tensor) or tuple(loss.shape) != (1,):
             shape = tuple(getattr(loss, "shape", ()))

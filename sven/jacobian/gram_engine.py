@@ -6,7 +6,8 @@ outputs gives every layer's per-sample output gradients (row i depends on
 sample i only, since samples do not interact). No parameter gradient is
 computed and no (B, P) tensor is formed: each layer's share of J stays in
 factored form (``sven.jacobian.blocks``). Layers without a registered rule are
-handled exactly by the functorch engine, restricted to their parameters.
+handled exactly by the functorch engine, restricted to their parameters, in
+chunks of at most ``chunk_numel`` per-sample gradient entries (``sven.jacobian.fallback``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
-from sven.jacobian.blocks import GradientBlock, MaterializedBlock
+from sven.jacobian.blocks import GradientBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
-from sven.jacobian.functorch_engine import LossFn, per_sample_loss_grads
-from sven.jacobian.layers import rule_for
+from sven.jacobian.fallback import RecomputedBlock
+from sven.jacobian.functorch_engine import LossFn
+from sven.jacobian.layers import children_batch_dim, rule_for
 from sven.jacobian.layers.registry import GramRule
 from sven.jacobian.operator import JacobianOperator
 from sven.jacobian.params import ParamSpace
@@ -29,9 +33,10 @@ from sven.jacobian.params import ParamSpace
 
 @dataclass
 class _Call:
-    activations: Tensor
-    version: int
-    probe: Tensor
+    inputs: Any  # what the rule reads (``GramRule.inputs``), detached
+    versions: tuple[int, ...]  # of the tensors in ``inputs``, when recorded
+    probe: Tensor  # added to the output (its first element if a tuple)
+    side_probes: tuple[Tensor, ...]  # added to the other outputs that require grad: their backprops must vanish
 
 
 @dataclass
@@ -41,6 +46,7 @@ class _HookedLayer:
     rule: GramRule
     params: tuple[Tensor, ...]
     """The trainable parameters under ``module`` (its own and its children's): what the rule must cover."""
+    batch_dim: int  # where the samples are in its first input and output (its rule gets them on dim 0)
     calls: list[_Call] = field(default_factory=list)
 
 
@@ -114,26 +120,36 @@ class GramJacobian(JacobianOperator):
 
 
 class GramEngine:
-    """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch."""
+    """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch.
 
-    def __init__(self, model: nn.Module, params: ParamSpace) -> None:
+    ``chunk_numel`` bounds the per-sample gradient entries (samples × parameter entries)
+    the fallback holds at once.
+    """
+
+    def __init__(self, model: nn.Module, params: ParamSpace, chunk_numel: int = 1 << 22) -> None:
+        if not (isinstance(chunk_numel, int) and chunk_numel >= 1):
+            raise ValueError(f"chunk_numel must be an integer >= 1; got {chunk_numel!r}")
         self.model = model
         self.params = params
+        self.chunk_numel = chunk_numel
         self.hooked: list[_HookedLayer] = []
         self.fallback_names: list[str] = []
         trainable = {id(p) for p in params.tensors}
         self._name_of = {id(p): n for n, p in zip(params.names, params.tensors)}
-        self._plan(model, "", trainable, self._name_of)
+        self._plan(model, "", trainable, self._name_of, batch_dim=0)
 
-    def _plan(self, module: nn.Module, prefix: str, trainable: set[int], name_of: dict[int, str]) -> None:
+    def _plan(
+        self, module: nn.Module, prefix: str, trainable: set[int], name_of: dict[int, str], batch_dim: int
+    ) -> None:
         own = list(module.parameters(recurse=False))
         own_trainable = [p for p in own if id(p) in trainable]
         if not own_trainable:
+            inside = children_batch_dim(module, batch_dim)
             for child_name, child in module.named_children():
-                self._plan(child, f"{prefix}.{child_name}" if prefix else child_name, trainable, name_of)
-        elif rule_for(module) is not None and len(own_trainable) == len(own):
-            params = tuple(p for p in module.parameters() if id(p) in trainable)
-            self.hooked.append(_HookedLayer(prefix, module, rule_for(module), params))
+                self._plan(child, f"{prefix}.{child_name}" if prefix else child_name, trainable, name_of, inside)
+        elif rule_for(module) is not None and all(id(p) in trainable for p in module.parameters()):
+            params = tuple(module.parameters())
+            self.hooked.append(_HookedLayer(prefix, module, rule_for(module), params, batch_dim))
         else:
             self.fallback_names += [name_of[id(p)] for p in module.parameters() if id(p) in trainable]
 
@@ -150,13 +166,17 @@ class GramEngine:
         for layer in self.hooked:
             layer.calls.clear()
 
-            def hook(module: nn.Module, args: tuple, output: Tensor, layer: _HookedLayer = layer) -> Tensor:
-                probe = torch.zeros_like(output, requires_grad=True)
-                activations = args[0].detach()
-                layer.calls.append(_Call(activations, activations._version, probe))
-                return output + probe
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, layer: _HookedLayer = layer) -> Any:
+                inputs = _detached(layer.rule.inputs(args, kwargs))
+                first, *others = output if isinstance(output, tuple) else (output,)
+                probe = torch.zeros_like(first, requires_grad=True)
+                side = {i: torch.zeros_like(t, requires_grad=True) for i, t in enumerate(others)
+                        if isinstance(t, Tensor) and t.requires_grad}
+                layer.calls.append(_Call(inputs, _versions(inputs), probe, tuple(side.values())))
+                probed = [t + side[i] if i in side else t for i, t in enumerate(others)]
+                return (first + probe, *probed) if isinstance(output, tuple) else first + probe
 
-            handles.append(layer.module.register_forward_hook(hook))
+            handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
@@ -174,11 +194,13 @@ class GramEngine:
             preds = self.model(inputs)
             losses = check_per_sample_losses(loss_fn(preds, targets, *extra), batch_size)
             probes = [call.probe for layer in self.hooked for call in layer.calls]
+            side = [(layer, probe) for layer in self.hooked for call in layer.calls for probe in call.side_probes]
             uncalled = [layer for layer in self.hooked if not layer.calls]
             uncalled_params = [p for layer in uncalled for p in layer.params]
-            wanted = probes + uncalled_params
+            wanted = probes + [probe for _, probe in side] + uncalled_params
             grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True) if wanted else ()
-        _check_uncalled_layers_unused(uncalled, grads[len(probes):])
+        _check_side_outputs_unused([layer for layer, _ in side], grads[len(probes):len(probes) + len(side)])
+        _check_uncalled_layers_unused(uncalled, grads[len(probes) + len(side):])
         blocks = self._layer_blocks(iter(grads[: len(probes)]))
         if self.fallback_names:
             blocks.append(self._fallback_block(loss_fn, batch))
@@ -191,14 +213,14 @@ class GramEngine:
             per_call = []
             for call in layer.calls:
                 grad = next(backprops)
-                if call.activations._version != call.version:
+                if _versions(call.inputs) != call.versions:
                     raise RuntimeError(
                         f"the input of layer '{layer.name}' was modified in place after the layer used it; "
                         "Sven's Gram engine needs it unchanged (avoid inplace=True on that tensor, "
                         "or use SvenWrapper(..., engine='functorch'))"
                     )
                 grad = torch.zeros_like(call.probe) if grad is None else grad
-                per_call.append(layer.rule(layer.module, call.activations, grad))
+                per_call.append(layer.rule(layer.module, call.inputs, grad, layer.batch_dim))
                 _check_rule_covers_layer(layer, per_call[-1], self._name_of)
             if len(per_call) == 1:
                 blocks += per_call[0]
@@ -209,22 +231,17 @@ class GramEngine:
     def _check_no_active_dropout(self) -> None:
         """The fallback re-runs the model per sample and would draw other dropout masks than the batched pass."""
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            if module.training and _dropout_probability(module) > 0:
                 raise ValueError(
-                    f"module '{name}' ({type(module).__name__}, p={module.p}) is active while parameters "
+                    f"module '{name}' ({type(module).__name__}, p={_dropout_probability(module)}) is active "
+                    f"while parameters "
                     f"{self.fallback_names} use the Gram engine's functorch fallback, which re-runs the model "
                     "per sample with different dropout masks, so the Jacobian would not match the losses. "
                     "Use SvenWrapper(..., engine='functorch') (one evaluation gives both), or model.eval()."
                 )
 
     def _fallback_block(self, loss_fn: LossFn, batch: tuple) -> GradientBlock:
-        inputs, targets, *extra = batch
-        named = dict(self.model.named_parameters())
-        with torch.no_grad():
-            _, _, grads = per_sample_loss_grads(
-                self.model, loss_fn, inputs, targets, tuple(extra), self.fallback_names
-            )
-        return MaterializedBlock(tuple(named[n] for n in self.fallback_names), grads)
+        return RecomputedBlock(self.model, loss_fn, batch, self.fallback_names, self.chunk_numel)
 
 
 def _check_coverage(blocks: list[GradientBlock], params: ParamSpace, zero_params: tuple[Tensor, ...]) -> None:
@@ -265,3 +282,34 @@ def _check_uncalled_layers_unused(uncalled: list[_HookedLayer], param_grads: tup
                     "elsewhere); the Gram engine cannot see them. Use SvenWrapper(..., engine='functorch')."
                 )
 
+
+
+def _dropout_probability(module: nn.Module) -> float:
+    """p of a Dropout layer or of nn.MultiheadAttention's attention dropout; 0 for other modules."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout
+    return 0.0
+
+
+def _detached(inputs: Any) -> Any:
+    """``inputs`` with every tensor detached; a tensor passed twice stays one tensor (``query is key``)."""
+    seen: dict[int, Tensor] = {}
+    return tree_map_only(Tensor, lambda t: seen.setdefault(id(t), t.detach()), inputs)
+
+
+def _versions(inputs: Any) -> tuple[int, ...]:
+    """The version counters of the tensors in ``inputs`` (shared with the tensors they were detached from)."""
+    return tuple(t._version for t in tree_leaves(inputs) if isinstance(t, Tensor))
+
+
+def _check_side_outputs_unused(layers: list[_HookedLayer], side_grads: tuple) -> None:
+    """Outputs of a hooked call other than the first (attention weights) must not influence the loss."""
+    for layer, grad in zip(layers, side_grads):
+        if grad is not None and bool(grad.ne(0).any()):
+            raise RuntimeError(
+                f"the loss depends on an output of layer '{layer.name}' ({type(layer.module).__name__}) other than "
+                "its first (e.g. attention weights), which its Gram rule does not cover. "
+                "Use SvenWrapper(..., engine='functorch')."
+            )

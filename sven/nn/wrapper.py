@@ -61,6 +61,8 @@ class SvenWrapper:
             before the power, so M has ⌈B/m⌉ rows; the last group is smaller when m ∤ B.
         engine: "gram" (hooks, never forms the B × P Jacobian), "functorch" (vmap of
             per-sample gradients, materialises it) or "auto" ("gram" unless param_fraction < 1).
+        fallback_chunk_numel: for the Gram engine, the most per-sample gradient entries
+            (samples × parameter entries) held at once for parameters without a Gram rule.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class SvenWrapper:
         param_fraction: float = 1.0,
         microbatch_size: int = 1,
         engine: str = "auto",
+        fallback_chunk_numel: int = 1 << 22,
     ) -> None:
         if not kappa > 0:
             raise ValueError(f"kappa must be > 0; got {kappa}")
@@ -94,7 +97,7 @@ class SvenWrapper:
         self.microbatch_size = microbatch_size
         self.engine = ("gram" if param_fraction == 1 else "functorch") if engine == "auto" else engine
         self.params = ParamSpace.of_module(self.model)
-        self._gram_engine = GramEngine(self.model, self.params) if self.engine == "gram" else None
+        self._gram_engine = GramEngine(self.model, self.params, fallback_chunk_numel) if self.engine == "gram" else None
         self.state: JacobianState | None = None
         self.generator = self._seeded_generator() if self.param_fraction < 1 else None
 
