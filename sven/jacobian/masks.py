@@ -1,0 +1,121 @@
+"""param_fraction masks: which Jacobian columns a step differentiates and moves, and M restricted to them.
+
+Each step draws the kept entries as sorted flat parameter indices (n,) — the columns of
+M and the only entries the update writes — in one of ``MASK_MODES``:
+
+- ``"elementwise"``: a uniformly random subset of ⌊f·P⌋ flat indices;
+- ``"rows"``: whole output units (a weight row with its bias entry) of every Linear /
+  Conv / Embedding, max(1, round(f·d_out)) per layer; the other parameters elementwise;
+- ``"tensor"``: whole parameter tensors, a random subset holding ≈ f·P entries (at least one).
+
+``MaskedJacobian`` restricts a Gram-engine operator to those columns: its Gram matrix
+sums each block's ``masked_gram`` and never forms M on the fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sven.jacobian.gram_engine import GramJacobian
+from sven.jacobian.operator import JacobianOperator
+from sven.jacobian.params import ParamSpace
+
+MASK_MODES = ("elementwise", "rows", "tensor")
+
+UNIT_AXIS = {nn.Linear: 0, nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0, nn.Embedding: 1}
+"""The weight axis that indexes a layer's output units (an Embedding's units are its dimensions)."""
+
+
+@dataclass(frozen=True)
+class OutputUnits:
+    """One layer's ``count`` output units; unit u is index u along ``axis`` of each (parameter position, axis)."""
+
+    count: int
+    members: tuple[tuple[int, int], ...]
+
+
+def output_units(model: nn.Module, params: ParamSpace) -> list[OutputUnits]:
+    """The output units of every Linear / Conv / Embedding whose weight is trainable (bias included if trainable)."""
+    position = {id(p): i for i, p in enumerate(params.tensors)}
+    layers, seen = [], set()
+    for module in model.modules():
+        axis = UNIT_AXIS.get(type(module))
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if axis is None or weight is None or id(weight) not in position or id(weight) in seen:
+            continue
+        members = [(position[id(weight)], axis)]
+        if bias is not None and id(bias) in position and id(bias) not in seen:
+            members.append((position[id(bias)], 0))
+        seen.update(id(params.tensors[i]) for i, _ in members)
+        layers.append(OutputUnits(weight.shape[axis], tuple(members)))
+    return layers
+
+
+def draw_columns(mode: str, params: ParamSpace, units: list[OutputUnits], fraction: float,
+                 generator: torch.Generator) -> Tensor:
+    """Sorted flat indices (n,) of the entries kept this step, drawn from ``generator`` (``units``: for "rows")."""
+    if mode == "elementwise":
+        return _random_subset(params.size, fraction, generator)
+    offsets = params.offsets.tolist()
+    device = generator.device
+    whole = lambda i: torch.arange(offsets[i], offsets[i + 1], device=device)  # noqa: E731
+    if mode == "tensor":
+        order = torch.randperm(len(params.tensors), generator=generator, device=device).tolist()
+        totals = torch.tensor([params.numels[i] for i in order]).cumsum(0)
+        count = int((totals - fraction * params.size).abs().argmin()) + 1
+        return torch.cat([whole(i) for i in order[:count]]).sort().values
+    pieces, covered = [], set()
+    for layer in units:
+        take = max(1, round(fraction * layer.count))
+        chosen = torch.randperm(layer.count, generator=generator, device=device)[:take]
+        for position, axis in layer.members:
+            shape = params.tensors[position].shape
+            local = torch.arange(shape.numel(), device=device).view(shape).index_select(axis, chosen)
+            pieces.append(local.reshape(-1) + offsets[position])
+            covered.add(position)
+    rest = [whole(i) for i in range(len(params.tensors)) if i not in covered]
+    if rest:
+        rest_flat = torch.cat(rest)
+        pieces.append(rest_flat[_random_subset(rest_flat.numel(), fraction, generator)])
+    return torch.cat(pieces).sort().values
+
+
+def _random_subset(total: int, fraction: float, generator: torch.Generator) -> Tensor:
+    """Sorted random indices (max(1, ⌊f·total⌋),) of range(total)."""
+    count = max(1, int(fraction * total))
+    return torch.randperm(total, device=generator.device, generator=generator)[:count].sort().values
+
+
+class MaskedJacobian(JacobianOperator):
+    """M restricted to ``columns``: (rows, n) for a GramJacobian (rows, P) and sorted flat indices (n,).
+
+    ``gram()`` sums each block's ``masked_gram`` over its kept entries; ``rmatmul`` is the
+    full Mᵀu (one weighted sum, P values) read at the columns.
+    """
+
+    def __init__(self, base: GramJacobian, columns: Tensor) -> None:
+        self.base = base
+        self.columns = columns
+        self.shape = (base.shape[0], columns.numel())
+        self.dtype = base.dtype
+        self.device = base.device
+        keep = torch.zeros(base.params.size, dtype=torch.bool, device=columns.device)
+        keep[columns] = True
+        self._keep = {id(p): k for p, k in zip(base.params.tensors, keep.split(base.params.numels))}
+
+    def _compute_gram(self) -> Tensor:
+        gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+        for block in self.base.blocks:
+            keep = [self._keep[id(p)] for p in block.params]
+            if any(bool(k.any()) for k in keep):
+                gram += block.masked_gram(keep)
+        return gram
+
+    def rmatmul(self, u: Tensor) -> Tensor:
+        return self.base.rmatmul(u)[self.columns]
+
+    def dense(self) -> Tensor:
+        return self.base.dense()[:, self.columns]
