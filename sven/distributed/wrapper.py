@@ -54,8 +54,10 @@ class DistributedSvenWrapper(SvenWrapper):
         microbatch_size: int = 1,
         engine: str = "auto",
         process_group: dist.ProcessGroup | None = None,
+        mask_mode: str = "elementwise",
     ) -> None:
-        super().__init__(bare_module(model), loss_fn, device, kappa, param_fraction, microbatch_size, engine)
+        super().__init__(bare_module(model), loss_fn, device, kappa, param_fraction, microbatch_size, engine,
+                         mask_mode)
         self.comm = Communicator(process_group, self.device)
         self.comm.broadcast_module_(self.model)
         self._step_columns: Tensor | None = None

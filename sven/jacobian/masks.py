@@ -57,36 +57,37 @@ def output_units(model: nn.Module, params: ParamSpace) -> list[OutputUnits]:
 def draw_columns(mode: str, params: ParamSpace, units: list[OutputUnits], fraction: float,
                  generator: torch.Generator) -> Tensor:
     """Sorted flat indices (n,) of the entries kept this step, drawn from ``generator`` (``units``: for "rows")."""
-    if mode == "elementwise":
-        return _random_subset(params.size, fraction, generator)
-    offsets = params.offsets.tolist()
     device = generator.device
-    whole = lambda i: torch.arange(offsets[i], offsets[i + 1], device=device)  # noqa: E731
+    keep = torch.zeros(params.size, dtype=torch.bool, device=device)
+    if mode == "elementwise":
+        keep[_random_subset(params.size, fraction, generator)] = True
+        return keep.nonzero().squeeze(1)
+    parts = keep.split(params.numels)
     if mode == "tensor":
         order = torch.randperm(len(params.tensors), generator=generator, device=device).tolist()
         totals = torch.tensor([params.numels[i] for i in order]).cumsum(0)
-        count = int((totals - fraction * params.size).abs().argmin()) + 1
-        return torch.cat([whole(i) for i in order[:count]]).sort().values
-    pieces, covered = [], set()
+        for i in order[: int((totals - fraction * params.size).abs().argmin()) + 1]:
+            parts[i].fill_(True)
+        return keep.nonzero().squeeze(1)
     for layer in units:
         take = max(1, round(fraction * layer.count))
         chosen = torch.randperm(layer.count, generator=generator, device=device)[:take]
         for position, axis in layer.members:
-            shape = params.tensors[position].shape
-            local = torch.arange(shape.numel(), device=device).view(shape).index_select(axis, chosen)
-            pieces.append(local.reshape(-1) + offsets[position])
-            covered.add(position)
-    rest = [whole(i) for i in range(len(params.tensors)) if i not in covered]
+            parts[position].view(params.tensors[position].shape).index_fill_(axis, chosen, True)
+    covered = {position for layer in units for position, _ in layer.members}
+    rest = [parts[i] for i in range(len(parts)) if i not in covered]
     if rest:
-        rest_flat = torch.cat(rest)
-        pieces.append(rest_flat[_random_subset(rest_flat.numel(), fraction, generator)])
-    return torch.cat(pieces).sort().values
+        rest_keep = torch.zeros(sum(part.numel() for part in rest), dtype=torch.bool, device=device)
+        rest_keep[_random_subset(rest_keep.numel(), fraction, generator)] = True
+        for part, drawn in zip(rest, rest_keep.split([part.numel() for part in rest])):
+            part.copy_(drawn)
+    return keep.nonzero().squeeze(1)
 
 
 def _random_subset(total: int, fraction: float, generator: torch.Generator) -> Tensor:
-    """Sorted random indices (max(1, ⌊f·total⌋),) of range(total)."""
+    """Random indices (max(1, ⌊f·total⌋),) of range(total), unsorted."""
     count = max(1, int(fraction * total))
-    return torch.randperm(total, device=generator.device, generator=generator)[:count].sort().values
+    return torch.randperm(total, device=generator.device, generator=generator)[:count]
 
 
 class MaskedJacobian(JacobianOperator):

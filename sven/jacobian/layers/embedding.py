@@ -60,7 +60,7 @@ class EmbeddingBlock(GradientBlock):
         sparse = self._sparse_gradients()
         kept = keep[0][sparse.indices()[1]]
         masked = torch.sparse_coo_tensor(sparse.indices()[:, kept], sparse.values()[kept], sparse.shape,
-                                         is_coalesced=True)
+                                         check_invariants=False).coalesce()
         return torch.sparse.mm(masked, masked.t()).to_dense()
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
