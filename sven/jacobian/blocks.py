@@ -149,20 +149,18 @@ class OuterProductBlock(GradientBlock):
         return gram
 
     def _entrywise_gram(self, keep_rows: Tensor, units: Tensor) -> Tensor:
-        """Σ over the kept entries of weight rows ``units`` (u,) of g_i g_jᵀ, keep_rows (d_out, d_in) boolean.
+        """Σ over the kept entries of weight rows ``units`` (u,) of g_i g_jᵀ; keep_rows (d_out, d_in) boolean.
 
-        Per-sample gradients of a chunk of rows (B, rows, d_in) at a time, in float64: a chunk
-        holds at most B·T·(d_in + d_out) values, as many as the ghost form's float64 factors.
+        A group of rows at a time, the kept per-sample entries Σ_t b_to a_ti (B, kept) in float64,
+        gathered straight from the factors: at most B·T·(d_in + d_out) values per group.
         """
-        batch, tokens, d_in = self.activations.shape
-        acts = self.activations.to(torch.float64)
-        grads = self.backprops.to(torch.float64)
-        rows_per_chunk = max(1, tokens * (d_in + grads.shape[-1]) // d_in)
-        gram = torch.zeros(batch, batch, dtype=torch.float64, device=acts.device)
-        for chunk in units.split(rows_per_chunk):
-            per_sample = torch.einsum("bto,bti->boi", grads[..., chunk], acts).reshape(batch, -1)
-            kept = per_sample[:, keep_rows[chunk].reshape(-1)]
-            gram += kept @ kept.T
+        batch, _, d_in = self.activations.shape
+        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.activations.device)
+        for group in units.split(max(1, (d_in + self.backprops.shape[-1]) // d_in)):
+            rows, inputs = keep_rows[group].nonzero().unbind(1)
+            per_sample = self.activations[..., inputs].to(torch.float64)
+            per_sample = per_sample.mul_(self.backprops[..., group[rows]]).sum(dim=1)
+            gram += per_sample @ per_sample.T
         return gram
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
