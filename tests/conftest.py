@@ -128,6 +128,14 @@ CHECKPOINT_CONFIGS = {
         wrapper=dict(engine="gram", kappa=1.0),
         optimizer=dict(lr=0.5, k=5, rtol=1e-4, damping="adaptive", rmsprop="pre", momentum=0.3),
     ),
+    "gram_param_fraction_rows_rmsprop_post": dict(
+        wrapper=dict(engine="gram", param_fraction=0.5, mask_mode="rows", microbatch_size=2),
+        optimizer=dict(lr=0.3, k=3, rmsprop="post", momentum=0.5),
+    ),
+    "gram_param_fraction_elementwise_adaptive": dict(
+        wrapper=dict(engine="gram", param_fraction=0.4, kappa=1.0),
+        optimizer=dict(lr=0.5, k=5, damping="adaptive", rmsprop="pre"),
+    ),
     "functorch_param_fraction_rmsprop_post": dict(
         wrapper=dict(engine="functorch", param_fraction=0.5, microbatch_size=2),
         optimizer=dict(lr=0.3, k=3, svd_mode="torch", rmsprop="post", momentum=0.5),

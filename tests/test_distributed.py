@@ -119,6 +119,10 @@ SCENARIOS = {
         "mlp", (6, 4), dict(engine="functorch", param_fraction=0.5, microbatch_size=3), dict(lr=0.5, k=8),
         rank_seeds=(0, 1),
     ),
+    "gram_rows_fraction_microbatch": Scenario(
+        "mlp", (6, 4), dict(engine="gram", param_fraction=0.5, mask_mode="rows", microbatch_size=3),
+        dict(lr=0.5, k=8),
+    ),
     "randomized_seeded_alike": Scenario(
         "mlp", (5, 5), dict(engine="gram"), dict(lr=0.5, k=10, svd_mode="randomized", oversampling=5)
     ),

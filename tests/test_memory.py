@@ -43,12 +43,12 @@ class LargestAllocation(TorchDispatchMode):
 
 
 def largest_allocation_of_a_step(
-    engine: str, svd_mode: str, k: int, model: nn.Module | None = None, **wrapper_options: int
+    engine: str, svd_mode: str, k: int, model: nn.Module | None = None, **wrapper: Any
 ) -> tuple[int, str, int]:
     """(largest numel, its op, B·P) over one ``loss_and_grad`` + ``step`` of Sven on ``engine``."""
     model = make_mlp(SIZES, torch.float32) if model is None else model
     batch = make_batch(BATCH, SIZES[0], SIZES[-1], torch.float32)
-    wrapped = SvenWrapper(model, per_sample_mse, engine=engine, **wrapper_options)
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine, **wrapper)
     optimizer = Sven(wrapped, lr=0.1, k=k, svd_mode=svd_mode)
     wrapped.loss_and_grad(batch)
     optimizer.step()
@@ -73,6 +73,14 @@ def test_gram_engine_step_allocates_nothing_of_jacobian_size(svd_mode: str, k: i
     largest, op, jacobian_size = largest_allocation_of_a_step("gram", svd_mode, k)
     weights = max(p.numel() for p in make_mlp(SIZES).parameters())
     assert weights <= largest < jacobian_size // 4, f"{op} returned {largest} elements; B·P = {jacobian_size}"
+
+
+@pytest.mark.parametrize("mask_mode", ["elementwise", "rows", "tensor"])
+def test_param_fraction_on_the_gram_engine_allocates_nothing_of_jacobian_size(mask_mode: str) -> None:
+    """f = 0.5: the B × n Jacobian of the kept columns (B·P/2) would trip the detector."""
+    largest, op, jacobian_size = largest_allocation_of_a_step("gram", "gram", 64, param_fraction=0.5,
+                                                              mask_mode=mask_mode)
+    assert largest < jacobian_size // 4, f"{op} returned {largest} elements; B·P = {jacobian_size}"
 
 
 def test_the_detector_trips_on_the_functorch_engine() -> None:

@@ -90,12 +90,13 @@ def test_decoupled_decay_alone_shrinks_the_pre_step_parameters_beside_the_plain_
     assert relative_error(flat_parameters(model) - theta, expected - theta) <= TOLERANCE
 
 
-def test_penalties_act_on_the_drawn_columns_with_param_fraction() -> None:
+@pytest.mark.parametrize("engine", ["gram", "functorch"])
+def test_penalties_act_on_the_drawn_columns_with_param_fraction(engine: str) -> None:
     model = make_mlp([3, 5, 2])
     batch = make_batch(6, 3, 2)
     theta = flat_parameters(model)
     torch.manual_seed(4)
-    wrapped = SvenWrapper(model, per_sample_mse, kappa=1.0, param_fraction=0.5, engine="functorch")
+    wrapped = SvenWrapper(model, per_sample_mse, kappa=1.0, param_fraction=0.5, engine=engine)
     optimizer = Sven(wrapped, lr=LR, weight_decay=0.1, fisher_decay=0.2, decoupled_weight_decay=0.1)
     generator_state = wrapped.generator.get_state()
     columns = wrapped.draw_columns()

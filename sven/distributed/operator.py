@@ -11,6 +11,7 @@ from torch import Tensor
 
 from sven.distributed.communicator import Communicator, ShardLayout
 from sven.jacobian import DenseJacobian, GradientBlock, GramJacobian, JacobianOperator, MaterializedBlock
+from sven.jacobian.masks import MaskedJacobian
 
 RowGather = Callable[[Tensor], Tensor]
 
@@ -33,8 +34,10 @@ def gathered_operator(local: JacobianOperator, gather: RowGather, total_rows: in
     """The operator over the global batch (total_rows, n) built from each rank's ``local`` one.
 
     ``gather`` maps a rank's (B_r, …) tensor to the ranks' tensors concatenated, (B_global, …).
-    A GramJacobian gathers each block (``gathered_block``), a DenseJacobian its rows.
+    A GramJacobian gathers each block (``gathered_block``), a DenseJacobian its rows, a MaskedJacobian its base.
     """
+    if isinstance(local, MaskedJacobian):
+        return MaskedJacobian(gathered_operator(local.base, gather, total_rows), local.columns)
     if isinstance(local, GramJacobian):
         return GramJacobian([gathered_block(block, gather) for block in local.blocks], local.params, total_rows,
                             local.zero_params)

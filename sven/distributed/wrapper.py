@@ -41,7 +41,7 @@ class DistributedSvenWrapper(SvenWrapper):
     Args:
         model: the module, or a ``DistributedDataParallel`` around it (its ``.module`` is used).
         process_group: the group whose ranks share the batch (None: the default group).
-        Other arguments: as for ``SvenWrapper``; microbatch groups are formed in the global order.
+        **options: as for ``SvenWrapper`` (keywords); microbatch groups are formed in the global order.
     """
 
     def __init__(
@@ -49,13 +49,10 @@ class DistributedSvenWrapper(SvenWrapper):
         model: nn.Module,
         loss_fn: Callable[..., Tensor],
         device: torch.device | str | None = None,
-        kappa: float = 2.0,
-        param_fraction: float = 1.0,
-        microbatch_size: int = 1,
-        engine: str = "auto",
         process_group: dist.ProcessGroup | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(bare_module(model), loss_fn, device, kappa, param_fraction, microbatch_size, engine)
+        super().__init__(bare_module(model), loss_fn, device, **options)
         self.comm = Communicator(process_group, self.device)
         self.comm.broadcast_module_(self.model)
         self._step_columns: Tensor | None = None

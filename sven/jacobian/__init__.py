@@ -5,6 +5,7 @@ from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losse
 from sven.jacobian.functorch_engine import functorch_jacobian, per_sample_loss_grads
 from sven.jacobian.gram_engine import GramEngine, GramJacobian
 from sven.jacobian.layers import fast_layer_types, register_gram_rule
+from sven.jacobian.masks import MASK_MODES, MaskedJacobian
 from sven.jacobian.operator import DenseJacobian, JacobianOperator, RowTransformedJacobian
 from sven.jacobian.params import ParamSpace
 
@@ -14,6 +15,8 @@ __all__ = [
     "GramEngine",
     "GramJacobian",
     "JacobianOperator",
+    "MASK_MODES",
+    "MaskedJacobian",
     "MaterializedBlock",
     "OuterProductBlock",
     "ParamSpace",

@@ -6,7 +6,8 @@ having to know the layer type:
 
 - ``gram()``: the (B, B) float64 matrix ⟨g_i, g_j⟩;
 - ``weighted_sum(c)``: Σ_i c_i g_i, one tensor per parameter (the update Mᵀc);
-- ``per_sample()``: the g_i themselves, (B, *param.shape) per parameter.
+- ``per_sample()``: the g_i themselves, (B, *param.shape) per parameter;
+- ``masked_gram(keep)``: ⟨g_i, g_j⟩ over some entries only (``param_fraction``).
 
 and exposes its factors — tensors with the sample on dim 0 from which the block is
 rebuilt (``sample_factors`` / ``with_sample_factors``) — so that code outside the
@@ -41,6 +42,14 @@ class GradientBlock(ABC):
     def per_sample(self) -> list[Tensor]:
         """g_i for every sample: one tensor (B, *param.shape) per parameter."""
 
+    def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
+        """(B, B) float64: ⟨g_i, g_j⟩ over the kept entries; ``keep`` one boolean (numel,) per parameter.
+
+        This default gathers the kept entries of ``per_sample()``; factored blocks override it.
+        """
+        grads = [g.reshape(g.shape[0], -1)[:, k] for g, k in zip(self.per_sample(), keep)]
+        return MaterializedBlock(self.params, grads).gram()
+
     @classmethod
     def summed(cls, blocks: list[GradientBlock]) -> GradientBlock:
         """One block for Σ of the blocks' per-sample gradients (same params: a layer called repeatedly).
@@ -49,15 +58,6 @@ class GradientBlock(ABC):
         """
         totals = [sum(grads) for grads in zip(*(block.per_sample() for block in blocks))]
         return MaterializedBlock(blocks[0].params, totals)
-
-    def gram_of(self, params: Sequence[Tensor]) -> Tensor:
-        """(B, B) float64: ⟨g_i, g_j⟩ over ``params``, a subset of this block's parameters.
-
-        This default materialises the per-sample gradients; factored blocks override it.
-        """
-        chosen = {id(p) for p in params}
-        kept = [(p, g) for p, g in zip(self.params, self.per_sample()) if id(p) in chosen]
-        return MaterializedBlock(tuple(p for p, _ in kept), [g for _, g in kept]).gram()
 
     def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
         """(B,) float64: ⟨g_i, v⟩ for v given as one tensor per parameter, shaped like it (a row of M v).
@@ -126,21 +126,14 @@ class OuterProductBlock(GradientBlock):
         return ghost <= materialised
 
     def gram(self) -> Tensor:
-        return self.gram_of(self.params)
-
-    def gram_of(self, params: Sequence[Tensor]) -> Tensor:
-        """The weight's and/or the bias's share of the Gram matrix, in the cheaper form (see the class)."""
-        if not self.uses_ghost_form:
-            return super().gram_of(params)
-        chosen = {id(p) for p in params}
         batch, tokens, _ = self.activations.shape
+        if not self.uses_ghost_form:
+            return MaterializedBlock(self.params, self._flat_per_sample()).gram()
+        acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
         grad_gram = grads @ grads.T
-        gram = torch.zeros_like(grad_gram)
-        if id(self.weight) in chosen:
-            acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
-            gram = (acts @ acts.T) * grad_gram
-        if self.bias is not None and id(self.bias) in chosen:
+        gram = (acts @ acts.T) * grad_gram
+        if self.bias is not None:
             gram = gram + grad_gram
         if tokens > 1:
             gram = gram.view(batch, tokens, batch, tokens).sum(dim=(1, 3))
@@ -153,6 +146,40 @@ class OuterProductBlock(GradientBlock):
         if self.bias is not None:
             dots = dots + self.backprops.sum(dim=1).to(torch.float64) @ values[1].reshape(-1).to(torch.float64)
         return dots
+
+    def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
+        """Whole kept weight rows (output units) take ``gram()`` on their backprops G_S, T = 1: (A Aᵀ) ⊙ (G_S G_Sᵀ);
+        partly kept rows sum their kept per-sample entries, built a chunk of rows at a time."""
+        rows = keep[0].view(self.backprops.shape[-1], -1)
+        whole, partial = rows.all(dim=1), rows.any(dim=1) & ~rows.all(dim=1)
+        bias_keep = keep[1] if self.bias is not None else None
+        joint_bias = bias_keep is not None and torch.equal(bias_keep, whole)
+        gram = torch.zeros(self.activations.shape[0], self.activations.shape[0], dtype=torch.float64,
+                           device=self.activations.device)
+        if bool(whole.any()):
+            units = OuterProductBlock(self.weight, self.bias if joint_bias else None, self.activations,
+                                      self.backprops[..., whole])
+            gram += units.gram()
+        if bias_keep is not None and not joint_bias and bool(bias_keep.any()):
+            gram += MaterializedBlock((self.bias,), [self.backprops.sum(dim=1)[:, bias_keep]]).gram()
+        if bool(partial.any()):
+            gram += self._entrywise_gram(rows, partial.nonzero().squeeze(1))
+        return gram
+
+    def _entrywise_gram(self, keep_rows: Tensor, units: Tensor) -> Tensor:
+        """Σ over the kept entries of weight rows ``units`` (u,) of g_i g_jᵀ; keep_rows (d_out, d_in) boolean.
+
+        A group of rows at a time, the kept per-sample entries Σ_t b_to a_ti (B, kept) in float64,
+        gathered straight from the factors: at most B·T·(d_in + d_out) values per group.
+        """
+        batch, _, d_in = self.activations.shape
+        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.activations.device)
+        for group in units.split(max(1, (d_in + self.backprops.shape[-1]) // d_in)):
+            rows, inputs = keep_rows[group].nonzero().unbind(1)
+            per_sample = self.activations[..., inputs].to(torch.float64)
+            per_sample = per_sample.mul_(self.backprops[..., group[rows]]).sum(dim=1)
+            gram += per_sample @ per_sample.T
+        return gram
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         batch, tokens, d_in = self.activations.shape
@@ -173,10 +200,14 @@ class OuterProductBlock(GradientBlock):
 
     def per_sample(self) -> list[Tensor]:
         batch = self.activations.shape[0]
-        weight = torch.einsum("bto,bti->boi", self.backprops, self.activations)
-        grads = [weight.reshape(batch, *self.weight.shape)]
+        return [g.reshape(batch, *p.shape) for g, p in zip(self._flat_per_sample(), self.params)]
+
+    def _flat_per_sample(self) -> list[Tensor]:
+        """Σ_t b_t a_tᵀ flattened (B, d_out·d_in) and Σ_t b_t (B, d_out): the per-sample gradients of the units held."""
+        batch = self.activations.shape[0]
+        grads = [torch.einsum("bto,bti->boi", self.backprops, self.activations).reshape(batch, -1)]
         if self.bias is not None:
-            grads.append(self.backprops.sum(dim=1).reshape(batch, *self.bias.shape))
+            grads.append(self.backprops.sum(dim=1))
         return grads
 
     def sample_factors(self) -> tuple[Tensor, ...]:

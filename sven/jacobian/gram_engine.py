@@ -86,17 +86,15 @@ class GramJacobian(JacobianOperator):
         return self.params.flatten(filled, leading=leading)
 
     def masked_gram(self, columns: Tensor) -> Tensor:
-        """Σ over the chosen parameters of their blocks' Gram shares; the mask must keep or drop whole tensors."""
-        pieces = columns.split(self.params.numels)
-        if any(bool(piece.any()) and not bool(piece.all()) for piece in pieces):
-            raise ValueError("GramJacobian.masked_gram keeps or drops whole parameter tensors; got a mask that "
-                             "splits a tensor")
-        chosen = {id(p) for p, piece in zip(self.params.tensors, pieces) if bool(piece.all())}
+        """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M."""
+        keep = [piece for piece in columns.split(self.params.numels)]
         gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
         for block in self.blocks:
-            kept = [p for p in block.params if id(p) in chosen]
-            if kept:
-                gram += block.gram() if len(kept) == len(block.params) else block.gram_of(kept)
+            kept = [keep[self._position[id(p)]] for p in block.params]
+            if all(bool(k.all()) for k in kept):
+                gram += block.gram()
+            elif any(bool(k.any()) for k in kept):
+                gram += block.masked_gram(kept)
         return gram
 
     def matmul(self, v: Tensor) -> Tensor:

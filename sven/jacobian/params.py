@@ -69,10 +69,9 @@ class ParamSpace:
             for p, chunk, scale in zip(self.tensors, flat_step.split(self.numels), scales):
                 p.add_(chunk.view_as(p).to(p.dtype), alpha=scale)
             return
-        offsets = self.offsets.to(columns.device)
-        owner = torch.bucketize(columns, offsets[1:], right=True)
+        offsets = self.offsets.tolist()
+        bounds = torch.searchsorted(columns, torch.tensor(offsets, device=columns.device)).tolist()
         for i, (p, scale) in enumerate(zip(self.tensors, scales)):
-            mine = owner == i
-            if mine.any():
-                local = columns[mine] - offsets[i]
-                p.view(-1).index_add_(0, local, flat_step[mine].to(p.dtype), alpha=scale)
+            mine = slice(bounds[i], bounds[i + 1])
+            if mine.start < mine.stop:
+                p.view(-1).index_add_(0, columns[mine] - offsets[i], flat_step[mine].to(p.dtype), alpha=scale)

@@ -18,6 +18,7 @@ from sven.jacobian import (
     check_per_sample_losses,
     functorch_jacobian,
 )
+from sven.jacobian.masks import MASK_MODES, MaskedJacobian, draw_columns, output_units
 from sven.nn.residuals import residuals_and_row_map
 
 ENGINES = ("auto", "gram", "functorch")
@@ -53,16 +54,20 @@ class SvenWrapper:
         kappa: residuals are r = l^(kappa/2): 2 inverts the losses themselves, 1 the
             Gauss–Newton residuals √l. Must be > 0.
         param_fraction: f in (0, 1]; each step differentiates a fresh random subset of
-            ⌊f·P⌋ parameters and moves only those. The subsets are drawn from the wrapper's
-            own ``generator`` (seeded from torch's global RNG at construction, so
-            ``torch.manual_seed`` before building the wrapper reproduces them), whose state
+            about f·P parameters (see ``mask_mode``) and moves only those. The subsets are drawn
+            from the wrapper's own ``generator`` (seeded from torch's global RNG at construction,
+            so ``torch.manual_seed`` before building the wrapper reproduces them), whose state
             ``Sven.state_dict()`` carries. With f = 1 no random number is drawn.
         microbatch_size: m ≥ 1; losses are averaged over consecutive groups of m samples
             before the power, so M has ⌈B/m⌉ rows; the last group is smaller when m ∤ B.
         engine: "gram" (hooks, never forms the B × P Jacobian), "functorch" (vmap of
-            per-sample gradients, materialises it) or "auto" ("gram" unless param_fraction < 1).
+            per-sample gradients, materialises it) or "auto" ("gram").
         fallback_chunk_numel: for the Gram engine, the most per-sample gradient entries
             (samples × parameter entries) held at once for parameters without a Gram rule.
+        mask_mode: what param_fraction < 1 draws (``sven.jacobian.masks``): "elementwise"
+            (⌊f·P⌋ flat entries), "rows" (max(1, round(f·d_out)) whole output units of each
+            Linear / Conv / Embedding with their bias entries, the other parameters elementwise)
+            or "tensor" (whole parameter tensors holding ≈ f·P entries, at least one).
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class SvenWrapper:
         microbatch_size: int = 1,
         engine: str = "auto",
         fallback_chunk_numel: int = 1 << 22,
+        mask_mode: str = "elementwise",
     ) -> None:
         if not kappa > 0:
             raise ValueError(f"kappa must be > 0; got {kappa}")
@@ -84,19 +90,18 @@ class SvenWrapper:
             raise ValueError(f"microbatch_size must be an integer >= 1; got {microbatch_size!r}")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
-        if engine == "gram" and param_fraction < 1:
-            raise ValueError(
-                f"engine='gram' covers all parameters; got param_fraction={param_fraction}. "
-                "Use engine='functorch' (or 'auto') with param_fraction < 1."
-            )
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}; got {mask_mode!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         self.kappa = float(kappa)
         self.param_fraction = float(param_fraction)
         self.microbatch_size = microbatch_size
-        self.engine = ("gram" if param_fraction == 1 else "functorch") if engine == "auto" else engine
+        self.engine = "gram" if engine == "auto" else engine
+        self.mask_mode = mask_mode
         self.params = ParamSpace.of_module(self.model)
+        self._units = output_units(self.model, self.params) if mask_mode == "rows" else []
         self._gram_engine = GramEngine(self.model, self.params, fallback_chunk_numel) if self.engine == "gram" else None
         self.state: JacobianState | None = None
         self.generator = self._seeded_generator() if self.param_fraction < 1 else None
@@ -110,12 +115,10 @@ class SvenWrapper:
         return self.model(*args, **kwargs)
 
     def draw_columns(self) -> Tensor | None:
-        """Sorted random flat indices (⌊f·P⌋,) for param_fraction f < 1, else None."""
+        """Sorted random flat indices (n,) of this step's ``mask_mode`` draw for param_fraction f < 1, else None."""
         if self.param_fraction == 1:
             return None
-        total = self.params.size
-        count = max(1, int(self.param_fraction * total))
-        return torch.randperm(total, device=self.device, generator=self.generator)[:count].sort().values
+        return draw_columns(self.mask_mode, self.params, self._units, self.param_fraction, self.generator)
 
     def loss_and_grad(self, batch: Sequence[Any]) -> tuple[Tensor, Tensor]:
         """Forward the batch ``(x, y, *extra)`` and compute the Jacobian of its residuals.
@@ -139,6 +142,8 @@ class SvenWrapper:
         columns = self.draw_columns()
         if self._gram_engine is not None:
             losses, preds, operator = self._gram_engine.compute(self.loss_fn, batch)
+            if columns is not None:
+                operator = MaskedJacobian(operator, columns)
         else:
             check_no_batch_coupling(self.model)
             losses, preds, operator = functorch_jacobian(self.model, self.loss_fn, batch, self.params, columns)

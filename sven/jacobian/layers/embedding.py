@@ -40,22 +40,28 @@ class EmbeddingBlock(GradientBlock):
         rows.index_add_(0, inverse, self.backprops.reshape(batch * tokens, -1).to(torch.float64))
         return codes // vocab, codes % vocab, rows
 
-    def gram(self) -> Tensor:
+    def _sparse_gradients(self) -> Tensor:
+        """The per-sample gradients as a coalesced sparse (B, V·dim) float64 matrix."""
         batch = self.indices.shape[0]
         vocab, dim = self.weight.shape
         samples, tokens, rows = self._sample_token_rows()
         columns = (tokens[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
-        sparse = torch.sparse_coo_tensor(
+        return torch.sparse_coo_tensor(
             torch.stack([samples.repeat_interleave(dim), columns]), rows.reshape(-1), (batch, vocab * dim),
             check_invariants=False,
         ).coalesce()
+
+    def gram(self) -> Tensor:
+        sparse = self._sparse_gradients()
         return torch.sparse.mm(sparse, sparse.t()).to_dense()
 
-    def gram_of(self, params: Sequence[Tensor]) -> Tensor:
-        if any(p is self.weight for p in params):
-            return self.gram()
-        batch = self.indices.shape[0]
-        return torch.zeros(batch, batch, dtype=torch.float64, device=self.indices.device)
+    def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
+        """The sparse product over the nonzero entries whose column is kept."""
+        sparse = self._sparse_gradients()
+        kept = keep[0][sparse.indices()[1]]
+        masked = torch.sparse_coo_tensor(sparse.indices()[:, kept], sparse.values()[kept], sparse.shape,
+                                         check_invariants=False).coalesce()
+        return torch.sparse.mm(masked, masked.t()).to_dense()
 
     def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
         """Σ_t b_itᵀ V[idx_it] per sample."""
