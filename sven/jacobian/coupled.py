@@ -2,10 +2,12 @@
 
 When layers normalise with the batch's statistics, loss i depends on every sample, so no
 per-sample pass gives row i of M = dl/dθ. This engine materialises M (B, n) from one forward of
-the batch and ⌈B / chunk⌉ batched backward passes through that same graph
-(``torch.autograd.grad(..., is_grads_batched=True)``: a vmap over ``chunk`` one-hot cotangents),
-chunk = max(1, chunk_elements // P). Cost: about B backward passes of the batch (SGD needs one),
-B·n entries for M plus chunk·P while a chunk is assembled.
+the batch and one backward pass per row through that same graph (``torch.autograd.grad`` of l_i).
+Cost: B backward passes of the whole batch where SGD takes one, and B·n entries for M.
+
+One plain backward per row was measured faster on CPU than batching rows with
+``is_grads_batched=True`` (a vmap over one-hot cotangents): for a 2-conv CNN with BatchNorm2d,
+B = 256, P = 9146, single thread, 4.1 s against 8.5–14 s for blocks of 8 to 256 rows.
 """
 
 from __future__ import annotations
@@ -20,19 +22,13 @@ from sven.jacobian.params import ParamSpace
 
 
 def coupled_jacobian(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: tuple,
-    params: ParamSpace,
-    columns: Tensor | None = None,
-    chunk_elements: int = 1 << 25,
+    model: nn.Module, loss_fn: LossFn, batch: tuple, params: ParamSpace, columns: Tensor | None = None
 ) -> tuple[Tensor, Tensor, DenseJacobian]:
     """Jacobian of the losses of one batched forward w.r.t. the parameters, materialised.
 
     Args:
         batch: ``(x, y, *extra)`` with the batch along dim 0; the model runs on it once.
         columns: sorted flat parameter indices (n,) to keep, or None for all P.
-        chunk_elements: bound on (rows per backward) × P.
 
     Returns (losses (B,), predictions, DenseJacobian of shape (B, n)).
     """
@@ -43,17 +39,10 @@ def coupled_jacobian(
         losses = check_per_sample_losses(loss_fn(preds, targets, *extra), batch_size)
         width = params.size if columns is None else columns.numel()
         jacobian = torch.empty(batch_size, width, dtype=params.tensors[0].dtype, device=losses.device)
-        identity = torch.eye(batch_size, dtype=losses.dtype, device=losses.device)
-        chunk = max(1, min(batch_size, chunk_elements // params.size))
-        for start in range(0, batch_size, chunk):
-            rows = slice(start, min(start + chunk, batch_size))
+        for row in range(batch_size):
             grads = torch.autograd.grad(
-                losses, params.tensors, grad_outputs=identity[rows], is_grads_batched=True,
-                retain_graph=rows.stop < batch_size, allow_unused=True,
+                losses[row], params.tensors, retain_graph=row + 1 < batch_size, allow_unused=True
             )
-            count = rows.stop - rows.start
-            grads = [torch.zeros(count, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
-                     for g, p in zip(grads, params.tensors)]
-            flat = params.flatten(grads, leading=(count,))
-            jacobian[rows] = flat if columns is None else flat[:, columns]
+            flat = params.flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.tensors)])
+            jacobian[row] = flat if columns is None else flat[columns]
     return losses.detach(), preds.detach(), DenseJacobian(jacobian)

@@ -68,8 +68,8 @@ class SvenWrapper:
             "batch" normalises with the batch's statistics, as SGD training does; the running statistics
             advance once per step, as one train-mode forward of the batch at the pre-step parameters
             would, and never in the extra passes (adaptive damping, variable_k). Each loss then depends
-            on the whole batch, so whatever ``engine``, M (B × P) is materialised: one forward and about
-            B backward passes, batched by vmap in chunks (``sven.jacobian.coupled_jacobian``).
+            on the whole batch, so whatever ``engine``, M (B × P) is materialised: one forward and B
+            backward passes of the batch (``sven.jacobian.coupled_jacobian``; SGD takes one).
             "frozen" normalises with the running statistics in every pass and writes none of them; the
             Gram engine keeps BatchNorm on its fast path. Each layer's train/eval flag is left as it was.
     """
@@ -177,7 +177,7 @@ class SvenWrapper:
         "fast_layers": layers on the Gram engine's fast path; "fallback_parameters": parameters whose
         per-sample gradients vmap materialises; "batch_statistics_layers": BatchNorm layers normalising
         with batch statistics (bn_mode="batch", train mode). While there is one, every parameter is in
-        "coupled_parameters": M (B × P) is materialised from one forward and about B backward passes.
+        "coupled_parameters": M (B × P) is materialised from one forward and B backward passes.
         """
         coupled = self.batchnorm.batch_statistics_layers()
         if coupled:
