@@ -17,6 +17,7 @@ from reference import reference_direction, reference_residuals_and_jacobian, rel
 from torch import Tensor, nn
 
 from sven import Sven, SvenWrapper
+from sven.jacobian import GramEngine, ParamSpace
 
 ENGINES = ["gram", "functorch"]
 
@@ -187,14 +188,15 @@ def test_a_batch_on_another_device_is_moved_to_the_model() -> None:
     assert relative_error(flat_parameters(model.cpu()), flat_parameters(reference)) < 1e-6
 
 
-def test_batchnorm_in_train_mode_is_refused_and_works_in_eval_mode() -> None:
-    torch.manual_seed(0)
+def test_bad_bn_modes_are_refused_and_per_sample_engines_refuse_batch_statistics() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
-    wrapped = SvenWrapper(model, per_sample_mse)
-    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) is in train mode"):
-        Sven(wrapped).step(make_batch(8, 3, 2))
-    model.eval()
-    assert_reference_step(model, make_batch(8, 3, 2))
+    with pytest.raises(ValueError, match=r"bn_mode must be one of \('batch', 'frozen'\); got 'train'"):
+        SvenWrapper(model, per_sample_mse, bn_mode="train")
+    untracked = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).double()
+    with pytest.raises(ValueError, match=r"bn_mode='frozen'.*\['1'\] have none \(track_running_stats=False\)"):
+        SvenWrapper(untracked, per_sample_mse, bn_mode="frozen")
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) normalises with batch statistics.*bn_mode"):
+        GramEngine(model, ParamSpace.of_module(model)).compute(per_sample_mse, make_batch(8, 3, 2))
 
 
 class FixedMask(nn.Module):

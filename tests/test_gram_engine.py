@@ -188,6 +188,16 @@ def _normal(*shape: int) -> Callable[[torch.Generator, int], Tensor]:
     return lambda generator, batch: torch.randn(batch, *shape, generator=generator, dtype=torch.float64)
 
 
+def _in_eval_with_statistics(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode, its BatchNorm layers given random running statistics."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.running_mean.normal_(0, 0.5)
+                layer.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
 def _tokens(generator: torch.Generator, batch: int) -> Tensor:
     """Tokens (B, 6) from a vocabulary of 7: repeated tokens in every row, padding (0) in most rows."""
     tokens = torch.randint(1, 7, (batch, 6), generator=generator)
@@ -256,8 +266,12 @@ CASES = {
         _normal(5, 3), (5, 2),
     ),
     "batch_norm_eval": ModelCase(
-        lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval(), _normal(4), (2,),
-        fallback=("1.weight", "1.bias"),
+        lambda: _in_eval_with_statistics(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))),
+        _normal(4), (2,),
+    ),
+    "batch_norm2d_eval": ModelCase(
+        lambda: _in_eval_with_statistics(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh())),
+        _normal(2, 5, 5), (3, 3, 3),
     ),
 }
 

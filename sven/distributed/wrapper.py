@@ -42,6 +42,9 @@ class DistributedSvenWrapper(SvenWrapper):
         model: the module, or a ``DistributedDataParallel`` around it (its ``.module`` is used).
         process_group: the group whose ranks share the batch (None: the default group).
         **options: as for ``SvenWrapper`` (keywords); microbatch groups are formed in the global order.
+            BatchNorm layers must not normalise with batch statistics (each rank would see only its
+            shard's): ``bn_mode="batch"`` with a BatchNorm layer in train mode is refused, at
+            construction and at every ``loss_and_grad``; use ``bn_mode="frozen"`` or eval mode.
     """
 
     def __init__(
@@ -53,9 +56,21 @@ class DistributedSvenWrapper(SvenWrapper):
         **options: Any,
     ) -> None:
         super().__init__(bare_module(model), loss_fn, device, **options)
+        self._refuse_batch_statistics()
         self.comm = Communicator(process_group, self.device)
         self.comm.broadcast_module_(self.model)
         self._step_columns: Tensor | None = None
+
+    def _refuse_batch_statistics(self) -> None:
+        """Raise if a BatchNorm layer would normalise with batch statistics (no SyncBatchNorm semantics here)."""
+        layers = self.batchnorm.batch_statistics_layers()
+        if layers:
+            raise ValueError(
+                f"BatchNorm layer(s) {layers} normalise with batch statistics (bn_mode='batch' and train mode); "
+                "DistributedSvenWrapper does not combine them across ranks (SyncBatchNorm semantics), so "
+                "each loss would depend on one rank's shard only. Use bn_mode='frozen' (running statistics) "
+                "or put those layers in eval mode."
+            )
 
     def draw_columns(self) -> Tensor | None:
         """The columns agreed for the current step: rank 0's draw, on every rank."""
@@ -87,6 +102,7 @@ class DistributedSvenWrapper(SvenWrapper):
         self._step_columns = self._agreed_columns()
         failure: Exception | None = None
         try:
+            self._refuse_batch_statistics()
             local_losses, preds = super().loss_and_grad(batch)
         except Exception as error:  # re-raised below, after every rank has learnt of it
             failure = error

@@ -2,6 +2,7 @@
 
 from sven.jacobian.blocks import GradientBlock, MaterializedBlock, OuterProductBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
+from sven.jacobian.coupled import coupled_jacobian
 from sven.jacobian.functorch_engine import functorch_jacobian, per_sample_loss_grads
 from sven.jacobian.gram_engine import GramEngine, GramJacobian
 from sven.jacobian.layers import fast_layer_types, register_gram_rule
@@ -23,6 +24,7 @@ __all__ = [
     "RowTransformedJacobian",
     "check_no_batch_coupling",
     "check_per_sample_losses",
+    "coupled_jacobian",
     "fast_layer_types",
     "functorch_jacobian",
     "per_sample_loss_grads",

@@ -31,12 +31,13 @@ def check_per_sample_losses(losses: Tensor, batch_size: int) -> Tensor:
 
 
 def check_no_batch_coupling(model: nn.Module) -> None:
-    """Raise if a layer mixes samples (BatchNorm in train mode): per-sample Jacobians are then undefined."""
+    """Raise if a layer mixes samples (BatchNorm on batch statistics): per-sample Jacobians are then undefined."""
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and module.training:
+        if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
             raise ValueError(
-                f"module '{name or type(module).__name__}' ({type(module).__name__}) is in train mode: "
-                "it normalises with batch statistics, so each sample's loss depends on the whole batch "
-                "and Sven's per-sample Jacobian is not defined. Put it in eval mode (module.eval()), "
-                "or use nn.GroupNorm / nn.LayerNorm instead."
+                f"module '{name or type(module).__name__}' ({type(module).__name__}) normalises with batch "
+                "statistics (train mode, or no running statistics), so each sample's loss depends on the whole "
+                "batch and no per-sample Jacobian exists. SvenWrapper(..., bn_mode='batch') takes the Jacobian "
+                "of the batch's losses instead, bn_mode='frozen' uses the running statistics; or use "
+                "nn.GroupNorm / nn.LayerNorm."
             )

@@ -16,9 +16,11 @@ from sven.jacobian import (
     RowTransformedJacobian,
     check_no_batch_coupling,
     check_per_sample_losses,
+    coupled_jacobian,
     functorch_jacobian,
 )
 from sven.jacobian.masks import MASK_MODES, MaskedJacobian, draw_columns, output_units
+from sven.nn.batchnorm import BatchNormPolicy
 from sven.nn.residuals import residuals_and_row_map
 
 ENGINES = ("auto", "gram", "functorch")
@@ -68,6 +70,15 @@ class SvenWrapper:
             (⌊f·P⌋ flat entries), "rows" (max(1, round(f·d_out)) whole output units of each
             Linear / Conv / Embedding with their bias entries, the other parameters elementwise)
             or "tensor" (whole parameter tensors holding ≈ f·P entries, at least one).
+        bn_mode: what BatchNorm layers in train mode do in the wrapper's passes (layers in eval mode
+            always use their running statistics):
+            "batch" normalises with the batch's statistics, as SGD training does; the running statistics
+            advance once per step, as one train-mode forward of the batch at the pre-step parameters
+            would, and never in the extra passes (adaptive damping, variable_k). Each loss then depends
+            on the whole batch, so whatever ``engine``, M (B × P) is materialised: one forward and B
+            backward passes of the batch (``sven.jacobian.coupled_jacobian``; SGD takes one).
+            "frozen" normalises with the running statistics in every pass and writes none of them; the
+            Gram engine keeps BatchNorm on its fast path. Each layer's train/eval flag is left as it was.
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class SvenWrapper:
         engine: str = "auto",
         fallback_chunk_numel: int = 1 << 22,
         mask_mode: str = "elementwise",
+        bn_mode: str = "batch",
     ) -> None:
         if not kappa > 0:
             raise ValueError(f"kappa must be > 0; got {kappa}")
@@ -94,6 +106,7 @@ class SvenWrapper:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}; got {mask_mode!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
+        self.batchnorm = BatchNormPolicy(self.model, bn_mode)
         self.loss_fn = loss_fn
         self.kappa = float(kappa)
         self.param_fraction = float(param_fraction)
@@ -140,13 +153,18 @@ class SvenWrapper:
             )
         self.state = None
         columns = self.draw_columns()
-        if self._gram_engine is not None:
-            losses, preds, operator = self._gram_engine.compute(self.loss_fn, batch)
-            if columns is not None:
-                operator = MaskedJacobian(operator, columns)
-        else:
-            check_no_batch_coupling(self.model)
-            losses, preds, operator = functorch_jacobian(self.model, self.loss_fn, batch, self.params, columns)
+        with self.batchnorm.jacobian_pass() as statistics_before:
+            if self.batchnorm.batch_statistics_layers():
+                losses, preds, operator = coupled_jacobian(self.model, self.loss_fn, batch, self.params, columns)
+            elif self._gram_engine is not None:
+                losses, preds, operator = self._gram_engine.compute(self.loss_fn, batch)
+                if columns is not None:
+                    operator = MaskedJacobian(operator, columns)
+            else:
+                check_no_batch_coupling(self.model)
+                losses, preds, operator = functorch_jacobian(self.model, self.loss_fn, batch, self.params, columns)
+        if not bool(torch.isfinite(losses).all()):
+            statistics_before.restore()  # Sven skips this step: it must leave the running statistics alone too
         residuals, row_map = residuals_and_row_map(losses, self.microbatch_size, self.kappa)
         if row_map is not None:
             operator = RowTransformedJacobian(operator, row_map)
@@ -157,10 +175,23 @@ class SvenWrapper:
     def batch_losses(self, batch: tuple) -> Tensor:
         """Per-sample losses (B,) of the model as it is now on a batch ``(x, y, *extra)``: forward only."""
         inputs, targets, *extra = batch
-        return check_per_sample_losses(self.loss_fn(self.model(inputs), targets, *extra), targets.shape[0])
+        with self.batchnorm.loss_pass():
+            preds = self.model(inputs)
+        return check_per_sample_losses(self.loss_fn(preds, targets, *extra), targets.shape[0])
 
     def engine_plan(self) -> dict[str, list[str]]:
-        """For the Gram engine: the layers on the fast path and the parameters on the fallback."""
-        if self._gram_engine is None:
-            return {"fast_layers": [], "fallback_parameters": list(self.params.names)}
-        return self._gram_engine.plan()
+        """Where the Jacobian's columns come from, for the model's train/eval flags as they are now.
+
+        "fast_layers": layers on the Gram engine's fast path; "fallback_parameters": parameters whose
+        per-sample gradients vmap materialises; "batch_statistics_layers": BatchNorm layers normalising
+        with batch statistics (bn_mode="batch", train mode). While there is one, every parameter is in
+        "coupled_parameters": M (B × P) is materialised from one forward and B backward passes.
+        """
+        coupled = self.batchnorm.batch_statistics_layers()
+        if coupled:
+            plan = {"fast_layers": [], "fallback_parameters": [], "coupled_parameters": list(self.params.names)}
+        elif self._gram_engine is None:
+            plan = {"fast_layers": [], "fallback_parameters": list(self.params.names), "coupled_parameters": []}
+        else:
+            plan = {**self._gram_engine.plan(), "coupled_parameters": []}
+        return {**plan, "batch_statistics_layers": coupled}

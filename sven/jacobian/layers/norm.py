@@ -1,4 +1,4 @@
-"""nn.LayerNorm and nn.GroupNorm (affine): per-sample gradients are cheap, so materialised."""
+"""nn.LayerNorm, nn.GroupNorm, eval-mode nn.BatchNorm1d/2d/3d (affine): cheap per-sample gradients, materialised."""
 
 from __future__ import annotations
 
@@ -36,4 +36,16 @@ def layer_norm_blocks(layer: nn.LayerNorm, activations: Tensor, backprops: Tenso
 def group_norm_blocks(layer: nn.GroupNorm, activations: Tensor, backprops: Tensor) -> list[GradientBlock]:
     """x (B, C, *spatial): per-channel weight gradient Σ_spatial b ⊙ x̂, bias Σ_spatial b."""
     normalised = F.group_norm(activations, layer.num_groups, None, None, layer.eps)
+    return _affine_blocks(layer, normalised, backprops, tuple(range(2, activations.dim())))
+
+
+@register_gram_rule(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    supports=lambda layer: layer.affine and layer.track_running_stats,
+)
+def batch_norm_blocks(layer: nn.modules.batchnorm._BatchNorm, activations: Tensor,
+                      backprops: Tensor) -> list[GradientBlock]:
+    """x (B, C, *spatial) normalised by the running statistics (the engine refuses batch statistics):
+    per-channel weight gradient Σ_spatial b ⊙ x̂, bias Σ_spatial b."""
+    normalised = F.batch_norm(activations, layer.running_mean, layer.running_var, eps=layer.eps)
     return _affine_blocks(layer, normalised, backprops, tuple(range(2, activations.dim())))
