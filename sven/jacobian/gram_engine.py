@@ -293,12 +293,16 @@ def _dropout_probability(module: nn.Module) -> float:
 
 def _detached(inputs: Any) -> Any:
     """``inputs`` with every tensor detached; a tensor passed twice stays one tensor (``query is key``)."""
+    if isinstance(inputs, Tensor):
+        return inputs.detach()
     seen: dict[int, Tensor] = {}
     return tree_map_only(Tensor, lambda t: seen.setdefault(id(t), t.detach()), inputs)
 
 
 def _versions(inputs: Any) -> tuple[int, ...]:
     """The version counters of the tensors in ``inputs`` (shared with the tensors they were detached from)."""
+    if isinstance(inputs, Tensor):
+        return (inputs._version,)
     return tuple(t._version for t in tree_leaves(inputs) if isinstance(t, Tensor))
 
 

@@ -42,10 +42,10 @@ def residuals_and_row_map(
         )
     if microbatch_size == 1 and kappa == 2.0:
         return losses64, None
-    grouping = group_matrix(losses.shape[0], microbatch_size, losses.device)
-    grouped = grouping @ losses64
+    grouping = group_matrix(losses.shape[0], microbatch_size, losses.device) if microbatch_size > 1 else None
+    grouped = losses64 if grouping is None else grouping @ losses64
     residuals = grouped ** (kappa / 2)
     row_scale = (kappa / 2) * grouped ** (kappa / 2 - 1) if kappa != 2.0 else torch.ones_like(grouped)
     if kappa < 2.0:
         row_scale = torch.where(grouped == 0, torch.zeros_like(row_scale), row_scale)
-    return residuals, row_scale[:, None] * grouping
+    return residuals, torch.diag(row_scale) if grouping is None else row_scale[:, None] * grouping

@@ -63,6 +63,7 @@ class Sven(torch.optim.Optimizer):
         group_defaults, settings = settings_from_options({"lr": lr, **translate_deprecated(options)})
         self.wrapped = wrapped
         self._groups_fixed = False
+        self._validated: tuple[tuple, StepSettings] | None = None
         super().__init__(_param_groups(wrapped, params), {**asdict(group_defaults), **asdict(settings)})
         self.settings()
         self._groups_fixed = True
@@ -95,7 +96,17 @@ class Sven(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def settings(self) -> StepSettings:
-        """The validated settings of the next step, read from the param groups (which must agree)."""
+        """The validated settings of the next step, read from the param groups (which must agree).
+
+        Validated again only when a group's values changed since the last call.
+        """
+        key = tuple(tuple(group[name] for name in (*StepSettings.names(), *GroupSettings.names()))
+                    for group in self.param_groups)
+        if self._validated is None or self._validated[0] != key:
+            self._validated = (key, self._validated_settings())
+        return self._validated[1]
+
+    def _validated_settings(self) -> StepSettings:
         first = StepSettings.from_group(self.param_groups[0])
         for group in self.param_groups[1:]:
             other = StepSettings.from_group(group)
@@ -228,8 +239,8 @@ class Sven(torch.optim.Optimizer):
     def _solve(self, operator: JacobianOperator, columns: Tensor | None, settings: StepSettings) -> SolveOutcome:
         """The spectrum of the step: the exact regularised solve when a weight or Fisher decay is on, else
         the truncated spectrum of ``settings.svd_mode`` (with a relative fixed damping in units of σ_max²)."""
-        decay = self._per_column("weight_decay", columns)
-        if settings.fisher_decay > 0 or bool(decay.ne(0).any()):
+        if settings.fisher_decay > 0 or any(group["weight_decay"] for group in self.param_groups):
+            decay = self._per_column("weight_decay", columns)
             theta = self.wrapped.params.flatten([p.detach() for p in self.wrapped.params.tensors])
             theta = theta if columns is None else theta[columns]
             return SolveOutcome(RegularizedSolve(operator, theta, decay, settings.fisher_decay, settings.relative),
