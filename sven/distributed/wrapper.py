@@ -55,6 +55,9 @@ class DistributedSvenWrapper(SvenWrapper):
         process_group: dist.ProcessGroup | None = None,
         **options: Any,
     ) -> None:
+        if options.get("residual_fn") is not None:
+            raise ValueError("DistributedSvenWrapper takes a per-sample loss_fn; residual_fn is not supported "
+                             "across ranks (its rows are assembled per process): use SvenWrapper(residual_fn=...)")
         super().__init__(bare_module(model), loss_fn, device, **options)
         self._refuse_batch_statistics()
         self.comm = Communicator(process_group, self.device)

@@ -21,6 +21,7 @@ from sven.jacobian import (
 )
 from sven.jacobian.masks import MASK_MODES, MaskedJacobian, draw_columns, output_units
 from sven.nn.batchnorm import BatchNormPolicy
+from sven.nn.residual_rows import ResidualFn, ResidualRows, residual_width, signed_rows
 from sven.nn.residuals import residuals_and_row_map
 
 ENGINES = ("auto", "gram", "functorch")
@@ -47,14 +48,19 @@ def _move(value: Any, device: torch.device) -> Any:
 
 
 class SvenWrapper:
-    """Wraps ``model`` and a per-sample ``loss_fn(pred, y, *extra) -> (B,)`` for Sven.
+    """Wraps ``model`` and a per-sample ``loss_fn(pred, y, *extra) -> (B,)`` (or ``residual_fn``) for Sven.
 
     Args:
         model: any ``nn.Module``; it stays an ordinary module and Sven updates its parameters in place.
         loss_fn: returns one loss per sample, shape (B,) (e.g. ``reduction='none'``).
         device: where the model and batches live (None: where the model already is).
-        kappa: residuals are r = l^(kappa/2): 2 inverts the losses themselves, 1 the
-            Gauss–Newton residuals √l. Must be > 0.
+        kappa: with ``loss_fn`` (default 2) the rows are l^(kappa/2): 2 inverts the losses
+            themselves, 1 the Gauss–Newton residuals √l; with ``residual_fn`` (default 1) the
+            rows are sign(r)·|r|^kappa, r itself at 1. Must be > 0.
+        residual_fn: instead of ``loss_fn``: ``residual_fn(pred, y, *extra)`` returns signed
+            residuals (B,) or (B, m); each r_ij is a row of M (a (B, m) residual is differentiated
+            on the batch repeated m times, ``sven.nn.residual_rows``) and the per-sample loss
+            reported is Σ_j r_ij². Not combinable with ``microbatch_size > 1``.
         param_fraction: f in (0, 1]; each step differentiates a fresh random subset of
             about f·P parameters (see ``mask_mode``) and moves only those. The subsets are drawn
             from the wrapper's own ``generator`` (seeded from torch's global RNG at construction,
@@ -84,16 +90,24 @@ class SvenWrapper:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[..., Tensor],
+        loss_fn: Callable[..., Tensor] | None = None,
         device: torch.device | str | None = None,
-        kappa: float = 2.0,
+        kappa: float | None = None,
         param_fraction: float = 1.0,
         microbatch_size: int = 1,
         engine: str = "auto",
         fallback_chunk_numel: int = 1 << 22,
         mask_mode: str = "elementwise",
         bn_mode: str = "batch",
+        residual_fn: ResidualFn | None = None,
     ) -> None:
+        if (loss_fn is None) == (residual_fn is None):
+            raise ValueError("SvenWrapper needs exactly one of loss_fn (per-sample losses (B,)) and residual_fn "
+                             f"(signed residuals (B,) or (B, m)); got {'both' if loss_fn else 'neither'}")
+        if residual_fn is not None and microbatch_size != 1:
+            raise ValueError(f"microbatch_size={microbatch_size} averages per-sample losses; residual_fn makes each "
+                             "residual a row of its own: use microbatch_size=1 with residual_fn")
+        kappa = (2.0 if residual_fn is None else 1.0) if kappa is None else kappa
         if not kappa > 0:
             raise ValueError(f"kappa must be > 0; got {kappa}")
         if not 0 < param_fraction <= 1:
@@ -108,6 +122,8 @@ class SvenWrapper:
         self.model = model.to(self.device)
         self.batchnorm = BatchNormPolicy(self.model, bn_mode)
         self.loss_fn = loss_fn
+        self.residual_fn = residual_fn
+        self._residual_rows: ResidualRows | None = None
         self.kappa = float(kappa)
         self.param_fraction = float(param_fraction)
         self.microbatch_size = microbatch_size
@@ -153,23 +169,43 @@ class SvenWrapper:
             )
         self.state = None
         columns = self.draw_columns()
+        rows = self._rows_of(batch)
+        engine_loss, engine_batch = (self.loss_fn, batch) if rows is None else (rows.rows, rows.engine_batch(batch))
         with self.batchnorm.jacobian_pass() as statistics_before:
-            if self.batchnorm.batch_statistics_layers():
-                losses, preds, operator = coupled_jacobian(self.model, self.loss_fn, batch, self.params, columns)
-            elif self._gram_engine is not None:
-                losses, preds, operator = self._gram_engine.compute(self.loss_fn, batch)
-                if columns is not None:
-                    operator = MaskedJacobian(operator, columns)
-            else:
-                check_no_batch_coupling(self.model)
-                losses, preds, operator = functorch_jacobian(self.model, self.loss_fn, batch, self.params, columns)
-        if not bool(torch.isfinite(losses).all()):
+            values, preds, operator = self._jacobian(engine_loss, engine_batch, columns)
+        if not bool(torch.isfinite(values).all()):
             statistics_before.restore()  # Sven skips this step: it must leave the running statistics alone too
-        residuals, row_map = residuals_and_row_map(losses, self.microbatch_size, self.kappa)
+        if rows is None:
+            losses = values
+            residuals, row_map = residuals_and_row_map(values, self.microbatch_size, self.kappa)
+        else:
+            losses, preds = rows.per_sample_losses(values), preds[: targets.shape[0]]
+            residuals, row_map = signed_rows(values, self.kappa)
         if row_map is not None:
             operator = RowTransformedJacobian(operator, row_map)
         self.state = JacobianState(operator, residuals, losses, columns, batch)
         return losses, preds
+
+    def _rows_of(self, batch: tuple) -> ResidualRows | None:
+        """For residual_fn: its rows, with m learnt from one forward without gradient on the first batch."""
+        if self.residual_fn is None or self._residual_rows is not None:
+            return self._residual_rows
+        inputs, targets, *extra = batch
+        with torch.no_grad(), self.batchnorm.loss_pass():
+            width = residual_width(self.residual_fn(self.model(inputs), targets, *extra), targets.shape[0])
+        self._residual_rows = ResidualRows(self.residual_fn, width)
+        return self._residual_rows
+
+    def _jacobian(self, loss_fn: Callable[..., Tensor], batch: tuple, columns: Tensor | None
+                  ) -> tuple[Tensor, Tensor, JacobianOperator]:
+        """(per-sample values (rows,), predictions, M) from the engine this model needs."""
+        if self.batchnorm.batch_statistics_layers():
+            return coupled_jacobian(self.model, loss_fn, batch, self.params, columns)
+        if self._gram_engine is not None:
+            values, preds, operator = self._gram_engine.compute(loss_fn, batch)
+            return values, preds, operator if columns is None else MaskedJacobian(operator, columns)
+        check_no_batch_coupling(self.model)
+        return functorch_jacobian(self.model, loss_fn, batch, self.params, columns)
 
     @torch.no_grad()
     def batch_losses(self, batch: tuple) -> Tensor:
@@ -177,6 +213,8 @@ class SvenWrapper:
         inputs, targets, *extra = batch
         with self.batchnorm.loss_pass():
             preds = self.model(inputs)
+        if self.residual_fn is not None:
+            return self._rows_of(batch).batch_losses(preds, targets, *extra)
         return check_per_sample_losses(self.loss_fn(preds, targets, *extra), targets.shape[0])
 
     def engine_plan(self) -> dict[str, list[str]]:
