@@ -171,4 +171,4 @@ def test_elementwise_draws_the_same_columns_as_before_masks_had_modes() -> None:
 def test_auto_picks_the_gram_engine_for_any_param_fraction() -> None:
     wrapped = SvenWrapper(make_mlp([4, 6, 3]), per_sample_mse, param_fraction=0.5)
     wrapped.loss_and_grad(make_batch(8, 4, 3))
-    assert wrapped.engine == "gram" and isinstance(wrapped.state.operator, MaskedJacobian)
+    assert wrapped.engine_plan()["engine"] == "gram" and isinstance(wrapped.state.operator, MaskedJacobian)

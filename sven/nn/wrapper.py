@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,11 @@ from sven.jacobian import (
 )
 from sven.jacobian.masks import MASK_MODES, MaskedJacobian, draw_columns, output_units
 from sven.nn.batchnorm import BatchNormPolicy
+from sven.nn.engine_choice import AUTO_CANDIDATES, EngineChoice, choose_engine, run_and_check, tolerance_for
 from sven.nn.residual_rows import ResidualFn, ResidualRows, residual_width, signed_rows
 from sven.nn.residuals import residuals_and_row_map
 
-ENGINES = ("auto", "gram", "functorch")
+ENGINES = ("auto", *AUTO_CANDIDATES)
 
 
 @dataclass
@@ -69,7 +71,10 @@ class SvenWrapper:
         microbatch_size: m ≥ 1; losses are averaged over consecutive groups of m samples
             before the power, so M has ⌈B/m⌉ rows; the last group is smaller when m ∤ B.
         engine: "gram" (hooks, never forms the B × P Jacobian), "functorch" (vmap of
-            per-sample gradients, materialises it) or "auto" ("gram").
+            per-sample gradients, materialises it), "rowwise" (one forward and one backward per
+            row: exact for any forward, materialises M) or "auto": the first of these that gives
+            the exact Jacobian, checked on the first batch (``sven.nn.engine_choice``); see
+            ``engine_plan()``.
         fallback_chunk_numel: for the Gram engine, the most per-sample gradient entries
             (samples × parameter entries) held at once for parameters without a Gram rule.
         mask_mode: what param_fraction < 1 draws (``sven.jacobian.masks``): "elementwise"
@@ -124,14 +129,18 @@ class SvenWrapper:
         self.loss_fn = loss_fn
         self.residual_fn = residual_fn
         self._residual_rows: ResidualRows | None = None
+        self._forward_needs_grad = False
+        self._engine_checked = False
         self.kappa = float(kappa)
         self.param_fraction = float(param_fraction)
         self.microbatch_size = microbatch_size
-        self.engine = "gram" if engine == "auto" else engine
+        self.engine = engine
+        self.engine_choice = None if engine == "auto" else EngineChoice(engine, {})
         self.mask_mode = mask_mode
         self.params = ParamSpace.of_module(self.model)
         self._units = output_units(self.model, self.params) if mask_mode == "rows" else []
-        self._gram_engine = GramEngine(self.model, self.params, fallback_chunk_numel) if self.engine == "gram" else None
+        self._gram_engine = (GramEngine(self.model, self.params, fallback_chunk_numel)
+                             if engine in ("auto", "gram") else None)
         self.state: JacobianState | None = None
         self.generator = self._seeded_generator() if self.param_fraction < 1 else None
 
@@ -191,25 +200,66 @@ class SvenWrapper:
         if self.residual_fn is None or self._residual_rows is not None:
             return self._residual_rows
         inputs, targets, *extra = batch
-        with torch.no_grad(), self.batchnorm.loss_pass():
+        with torch.enable_grad(), self.batchnorm.loss_pass():
             width = residual_width(self.residual_fn(self.model(inputs), targets, *extra), targets.shape[0])
         self._residual_rows = ResidualRows(self.residual_fn, width)
         return self._residual_rows
 
     def _jacobian(self, loss_fn: Callable[..., Tensor], batch: tuple, columns: Tensor | None
                   ) -> tuple[Tensor, Tensor, JacobianOperator]:
-        """(per-sample values (rows,), predictions, M) from the engine this model needs."""
+        """(per-sample values (rows,), predictions, M) from the engine this model needs.
+
+        With engine="auto" the first batch settles the engine (``sven.nn.engine_choice``).
+        """
         if self.batchnorm.batch_statistics_layers():
             return coupled_jacobian(self.model, loss_fn, batch, self.params, columns)
-        if self._gram_engine is not None:
+        candidates = {name: (lambda name=name: self._run_engine(name, loss_fn, batch, columns))
+                      for name in AUTO_CANDIDATES}
+        if self.engine_choice is None:
+            self.engine_choice, result = choose_engine(candidates, self.model, loss_fn, batch, self.params, columns)
+            return result
+        if self._engine_checked or self.engine_choice.engine == "rowwise":
+            return candidates[self.engine_choice.engine]()
+        result, difference = run_and_check(candidates[self.engine_choice.engine], self.model, loss_fn, batch,
+                                           self.params, columns)
+        if difference > tolerance_for(self.params):
+            raise RuntimeError(
+                f"engine={self.engine!r} gives a Jacobian whose Mᵀc differs from autograd's by {difference:.2g} "
+                "(relative): the forward uses parameters in a way this engine cannot see (e.g. "
+                "torch.autograd.grad(create_graph=True) inside forward). Use engine='auto' or 'rowwise'."
+            )
+        self._engine_checked = math.isfinite(difference)
+        return result
+
+    def _run_engine(self, name: str, loss_fn: Callable[..., Tensor], batch: tuple, columns: Tensor | None
+                    ) -> tuple[Tensor, Tensor, JacobianOperator]:
+        if name == "gram":
             values, preds, operator = self._gram_engine.compute(loss_fn, batch)
             return values, preds, operator if columns is None else MaskedJacobian(operator, columns)
-        check_no_batch_coupling(self.model)
-        return functorch_jacobian(self.model, loss_fn, batch, self.params, columns)
+        if name == "functorch":
+            check_no_batch_coupling(self.model)
+            return functorch_jacobian(self.model, loss_fn, batch, self.params, columns)
+        return coupled_jacobian(self.model, loss_fn, batch, self.params, columns)
 
-    @torch.no_grad()
     def batch_losses(self, batch: tuple) -> Tensor:
-        """Per-sample losses (B,) of the model as it is now on a batch ``(x, y, *extra)``: forward only."""
+        """Per-sample losses (B,) of the model as it is now on a batch ``(x, y, *extra)``: forward only.
+
+        Without autograd, unless the model's forward needs it (it differentiates inside, as a PDE
+        residual written with ``torch.autograd.grad(create_graph=True)`` does): then with it, detached.
+        """
+        grad_mode = torch.enable_grad() if self._forward_needs_grad else torch.no_grad()
+        try:
+            with grad_mode:
+                return self._batch_losses(batch).detach()
+        except RuntimeError:
+            if self._forward_needs_grad:
+                raise
+        with torch.enable_grad():
+            losses = self._batch_losses(batch).detach()
+        self._forward_needs_grad = True
+        return losses
+
+    def _batch_losses(self, batch: tuple) -> Tensor:
         inputs, targets, *extra = batch
         with self.batchnorm.loss_pass():
             preds = self.model(inputs)
@@ -217,19 +267,24 @@ class SvenWrapper:
             return self._rows_of(batch).batch_losses(preds, targets, *extra)
         return check_per_sample_losses(self.loss_fn(preds, targets, *extra), targets.shape[0])
 
-    def engine_plan(self) -> dict[str, list[str]]:
+    def engine_plan(self) -> dict[str, Any]:
         """Where the Jacobian's columns come from, for the model's train/eval flags as they are now.
 
-        "fast_layers": layers on the Gram engine's fast path; "fallback_parameters": parameters whose
+        "engine": the engine in use — "gram", "functorch", "rowwise", or "auto" before the first batch
+        has settled it (``sven.nn.engine_choice``); "passed_over": the faster engines "auto" skipped, and
+        why. "fast_layers": layers on the Gram engine's fast path; "fallback_parameters": parameters whose
         per-sample gradients vmap materialises; "batch_statistics_layers": BatchNorm layers normalising
-        with batch statistics (bn_mode="batch", train mode). While there is one, every parameter is in
-        "coupled_parameters": M (B × P) is materialised from one forward and B backward passes.
+        with batch statistics (bn_mode="batch", train mode). While there is one, or on the "rowwise"
+        engine, every parameter is in "coupled_parameters": M (B × P) is materialised from one forward
+        and B backward passes.
         """
         coupled = self.batchnorm.batch_statistics_layers()
-        if coupled:
+        engine = "auto" if self.engine_choice is None else self.engine_choice.engine
+        if coupled or engine == "rowwise":
             plan = {"fast_layers": [], "fallback_parameters": [], "coupled_parameters": list(self.params.names)}
-        elif self._gram_engine is None:
+        elif engine == "functorch":
             plan = {"fast_layers": [], "fallback_parameters": list(self.params.names), "coupled_parameters": []}
         else:
             plan = {**self._gram_engine.plan(), "coupled_parameters": []}
-        return {**plan, "batch_statistics_layers": coupled}
+        passed_over = {} if self.engine_choice is None else self.engine_choice.passed_over
+        return {"engine": engine, "passed_over": passed_over, **plan, "batch_statistics_layers": coupled}
