@@ -58,6 +58,23 @@ def make_batch(batch_size: int, d_in: int, d_out: int, dtype: torch.dtype = torc
     return x.to(dtype), y.to(dtype)
 
 
+def per_sample_squared_error(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over every non-batch dim: (B, …) → (B,)."""
+    return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
+
+
+class Scaled(nn.Module):
+    """A parametrised layer without a Gram rule (the Gram engine's functorch fallback): x ↦ tanh(x · scale) + shift."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.shift = nn.Parameter(torch.linspace(-0.2, 0.2, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x * self.scale) + self.shift
+
+
 def flat_parameters(model: nn.Module) -> Tensor:
     """All trainable parameters flattened in ``named_parameters`` order, as a float64 copy (P,)."""
     return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.parameters() if p.requires_grad])

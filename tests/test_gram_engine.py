@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import STEP_TOLERANCE, flat_parameters
+from conftest import STEP_TOLERANCE, Scaled, flat_parameters, per_sample_squared_error
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 from torch import Tensor, nn
 
@@ -25,23 +25,6 @@ from sven.opt.spectrum import CertifiedGramSpectrum, certify_nothing_cut
 
 GRAM_TOLERANCE = 1e-10
 LR = 0.5
-
-
-def per_sample_squared_error(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over every non-batch dim: (B, …) → (B,)."""
-    return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
-
-
-class Scaled(nn.Module):
-    """A custom parametrised layer (no Gram rule): x ↦ tanh(x · scale) + shift."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
-        self.shift = nn.Parameter(torch.linspace(-0.2, 0.2, width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.tanh(x * self.scale) + self.shift
 
 
 class SharedLinear(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import STEP_TOLERANCE, make_batch, make_mlp, per_sample_mse
+from conftest import STEP_TOLERANCE, Scaled, make_batch, make_mlp, per_sample_mse, per_sample_squared_error
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 from torch import Tensor, nn
 
@@ -16,23 +16,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 LR, K, RTOL = 0.5, 64, 1e-3
 GRAM_TOLERANCE = 1e-10
-
-
-def per_sample_squared_error(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over every non-batch dim: (B, …) → (B,)."""
-    return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
-
-
-class Scaled(nn.Module):
-    """A layer without a Gram rule (the functorch fallback): x ↦ tanh(x · scale) + shift."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
-        self.shift = nn.Parameter(torch.linspace(-0.2, 0.2, width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.tanh(x * self.scale) + self.shift
 
 
 class TokenModel(nn.Module):

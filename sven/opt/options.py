@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sven.opt.damping import DampingSchedule
 from sven.opt.pinv import SVD_MODES, SolverOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 RMSPROP_MODES = (None, "pre", "post")
 
@@ -27,8 +30,21 @@ DEPRECATED_NAMES = {
 """Old option name → new name, for options that only changed their name."""
 
 
+class ParamGroupFields:
+    """Settings stored field by field in torch's param groups."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in fields(cls))
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> Self:
+        """The settings a param group holds (validated again: users may edit param_groups)."""
+        return cls(**{name: group[name] for name in cls.names()})
+
+
 @dataclass(frozen=True)
-class GroupSettings:
+class GroupSettings(ParamGroupFields):
     """The options one param group may set for its own parameters.
 
     Attributes:
@@ -47,17 +63,10 @@ class GroupSettings:
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0; got {value!r}")
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(field.name for field in fields(cls))
-
-    @classmethod
-    def from_group(cls, group: dict[str, Any]) -> GroupSettings:
-        return cls(**{name: group[name] for name in cls.names()})
 
 
 @dataclass(frozen=True)
-class StepSettings:
+class StepSettings(ParamGroupFields):
     """Every option of a Sven step but ``lr`` (which may differ per param group).
 
     Attributes:
@@ -150,14 +159,6 @@ class StepSettings:
     def solver_options(self) -> SolverOptions:
         return SolverOptions(self.oversampling, self.power_iterations)
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(field.name for field in fields(cls))
-
-    @classmethod
-    def from_group(cls, group: dict[str, Any]) -> StepSettings:
-        """The settings stored in a param group (validated again: users may edit param_groups)."""
-        return cls(**{name: group[name] for name in cls.names()})
 
 
 def translate_deprecated(options: dict[str, Any], stacklevel: int = 3) -> dict[str, Any]:
