@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 LABELS = {"val_loss": "validation loss", "train_loss": "training loss", "val_accuracy": "validation accuracy",
-          "epoch": "epoch", "wall_time": "wall time (s)"}
+          "epoch": "epoch", "wall_time": "wall time (s)", "step": "step", "rms_error": "RMS error of u"}
 
 
 def save_figure(figure: plt.Figure, path: Path, title: str) -> Path:
