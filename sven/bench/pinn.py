@@ -23,7 +23,7 @@ from sven.bench.plots import group_runs, plot_curves
 from sven.bench.results import command_line, environment, load_average, write_json
 from sven.bench.tables import text_table
 
-EVAL_EVERY = {"sven": 5, "sven-exact": 5, "adam": 200, "lbfgs": 2, "engd": 2, "lm": 5}
+EVAL_EVERY = {"sven": 5, "sven-exact": 5, "sven-ls": 2, "adam": 200, "lbfgs": 2, "engd": 2, "lm": 5}
 DEFAULT_PINN_OPTIMIZERS = ("sven", "adam")
 
 
@@ -73,6 +73,7 @@ def pinn_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--tag", default="", help="suffix of the result names (TASK-BUDGETs-TAG)")
     parser.add_argument("--no-progress", action="store_true", help="print nothing per run")
     return parser
 
@@ -85,7 +86,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
 
 
 def run_pinn(argv: list[str]) -> Path:
-    """Run the PINN study the arguments describe; write OUT/TASK-BUDGETs.json and two error plots."""
+    """Run the PINN study the arguments describe; write OUT/TASK-BUDGETs[-TAG].json and two error plots."""
     args = pinn_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     problem = PINN_PROBLEMS[args.task]()
@@ -93,7 +94,7 @@ def run_pinn(argv: list[str]) -> Path:
     unknown = [name for name in names if name not in PINN_OPTIMIZERS]
     if unknown or not names:
         raise SystemExit(f"error: unknown optimizer(s) {unknown}; expected some of {','.join(PINN_OPTIMIZERS)}")
-    name = f"{args.task}-{args.budget:g}s"
+    name = "-".join(filter(None, (args.task, f"{args.budget:g}s", args.tag)))
     started, load_at_start = time.perf_counter(), load_average()
     runs, skipped = [], {}
     for optimizer in names:

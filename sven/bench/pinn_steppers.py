@@ -68,34 +68,52 @@ class ClosureStepper:
         return float(self.optimizer.step(closure).detach())
 
 
+LINE_SEARCH_ETAS = tuple(0.5**k for k in range(31))
+"""The step sizes Müller & Zeinhofer's line search tries."""
+
+
+def grid_line_search(model: nn.Module, batch: Batch, params: list[Tensor], start: Tensor, step: Tensor) -> float:
+    """Set the flat parameters to start + η·step for the η in ``LINE_SEARCH_ETAS`` of smallest loss; return it."""
+    losses = []
+    for eta in LINE_SEARCH_ETAS:
+        vector_to_parameters(start + eta * step, params)
+        losses.append(float(batch_loss(model, batch)))
+    best = min(range(len(losses)), key=losses.__getitem__)
+    vector_to_parameters(start + LINE_SEARCH_ETAS[best] * step, params)
+    return losses[best]
+
+
+class SvenLineSearchStepper(SvenStepper):
+    """Sven's exact step (damping 0, lr = 1) taken as a direction, scaled by ENGD's line search."""
+
+    @torch.no_grad()
+    def step(self) -> float:
+        params = list(self.wrapped.params.tensors)
+        start = parameters_to_vector(params)
+        loss = super().step()
+        grid_line_search(self.wrapped.model, self.batch, params, start, parameters_to_vector(params) - start)
+        return loss
+
+
 class EngdStepper:
     """Energy natural gradient descent (Müller & Zeinhofer 2023) with their grid line search.
 
     G = JᵀJ (P, P) from the Jacobian J (N, P) of ρ (per-sample gradients by ``torch.func``),
-    d = G⁺ ∇(L/2) = G⁺ Jᵀρ, then θ ← θ − η d with the η in {0.5^k : k = 0 … ``line_search_steps``}
-    of smallest loss.
+    d = G⁺ ∇(L/2) = G⁺ Jᵀρ, then θ ← θ − η d with the η of ``LINE_SEARCH_ETAS`` of smallest loss.
     """
 
-    def __init__(self, model: CollocationResidual, batch: Batch, line_search_steps: int = 30) -> None:
-        self.model, self.batch = model, least_squares_batch(batch)
+    def __init__(self, model: CollocationResidual, batch: Batch) -> None:
+        self.model, self.batch = model, batch
         self.params = ParamSpace.of_module(model)
-        self.etas = [0.5**k for k in range(line_search_steps + 1)]
-
-    def _loss(self) -> float:
-        return float(signed_residuals(self.model(self.batch[0]), *self.batch[1:]).square().sum())
 
     @torch.no_grad()
     def step(self) -> float:
-        residuals, _, jacobian = functorch_jacobian(self.model, signed_residuals, self.batch, self.params)
+        residuals, _, jacobian = functorch_jacobian(self.model, signed_residuals, least_squares_batch(self.batch),
+                                                    self.params)
         matrix = jacobian.dense()
         direction = torch.linalg.pinv(matrix.T @ matrix, hermitian=True) @ (matrix.T @ residuals)
-        start = parameters_to_vector(self.params.tensors)
-        losses = []
-        for eta in self.etas:
-            vector_to_parameters(start - eta * direction, self.params.tensors)
-            losses.append(self._loss())
-        best = min(range(len(losses)), key=losses.__getitem__)
-        vector_to_parameters(start - self.etas[best] * direction, self.params.tensors)
+        tensors = list(self.params.tensors)
+        grid_line_search(self.model, self.batch, tensors, parameters_to_vector(tensors), -direction)
         return float(residuals.square().sum())
 
 
@@ -131,6 +149,8 @@ PINN_OPTIMIZERS: dict[str, StepperFactory] = {
     "sven": lambda model, batch: SvenStepper(model, batch, {"lr": 1.0, "k": batch[0].shape[0], "rtol": 0.0,
                                                             "damping": "adaptive"}),
     "sven-exact": lambda model, batch: SvenStepper(model, batch, {"lr": 1.0, "k": batch[0].shape[0], "rtol": 1e-6}),
+    "sven-ls": lambda model, batch: SvenLineSearchStepper(model, batch, {"lr": 1.0, "k": batch[0].shape[0],
+                                                                         "rtol": 1e-7}),
     "adam": lambda model, batch: ClosureStepper(model, batch, torch.optim.Adam(model.parameters(), lr=1e-3)),
     "lbfgs": lambda model, batch: ClosureStepper(
         model, batch, torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=10, history_size=100,
@@ -139,4 +159,6 @@ PINN_OPTIMIZERS: dict[str, StepperFactory] = {
     "lm": lambda model, batch: LevenbergMarquardtPinnStepper(model, batch, {}),
 }
 """Each optimizer's settings: Sven with adaptive damping keeps every direction (rtol = 0, λ filters them);
-the exact step (damping 0) cuts below 1e-6·σ_max; Adam at lr = 1e-3; L-BFGS with a strong Wolfe search."""
+the exact step (damping 0, lr = 1) cuts below 1e-6·σ_max; "sven-ls" takes the exact step cut below 1e-7·σ_max
+(about where ENGD's pseudoinverse of G = JᵀJ cuts) as a direction for ENGD's line search; Adam at lr = 1e-3;
+L-BFGS with a strong Wolfe search."""
