@@ -145,12 +145,17 @@ class _FixedConditions(nn.Module):
 
 
 StepperFactory = Callable[[CollocationResidual, Batch], Any]
+
+
+def _sven_settings(batch: Batch, **settings: Any) -> dict[str, Any]:
+    """lr = 1 and k = N (every direction the rtol cut leaves), plus ``settings``."""
+    return {"lr": 1.0, "k": batch[0].shape[0], **settings}
+
+
 PINN_OPTIMIZERS: dict[str, StepperFactory] = {
-    "sven": lambda model, batch: SvenStepper(model, batch, {"lr": 1.0, "k": batch[0].shape[0], "rtol": 0.0,
-                                                            "damping": "adaptive"}),
-    "sven-exact": lambda model, batch: SvenStepper(model, batch, {"lr": 1.0, "k": batch[0].shape[0], "rtol": 1e-6}),
-    "sven-ls": lambda model, batch: SvenLineSearchStepper(model, batch, {"lr": 1.0, "k": batch[0].shape[0],
-                                                                         "rtol": 1e-7}),
+    "sven": lambda model, batch: SvenStepper(model, batch, _sven_settings(batch, rtol=0.0, damping="adaptive")),
+    "sven-exact": lambda model, batch: SvenStepper(model, batch, _sven_settings(batch, rtol=1e-6)),
+    "sven-ls": lambda model, batch: SvenLineSearchStepper(model, batch, _sven_settings(batch, rtol=1e-7)),
     "adam": lambda model, batch: ClosureStepper(model, batch, torch.optim.Adam(model.parameters(), lr=1e-3)),
     "lbfgs": lambda model, batch: ClosureStepper(
         model, batch, torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=10, history_size=100,
