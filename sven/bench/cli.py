@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from sven.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZER_NAMES
+from sven.bench.pinn import run_pinn
+from sven.bench.pinn_problems import PINN_PROBLEMS
 from sven.bench.plots import plot_study
 from sven.bench.report import write_report
 from sven.bench.results import command_line, environment, load_average, write_json
@@ -53,7 +55,8 @@ def study_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m sven.bench TASK``."""
     parser = argparse.ArgumentParser(
         prog="python -m sven.bench",
-        description="Reproduce the Sven paper's experiments. `python -m sven.bench report --help` builds the page.",
+        description="Reproduce the Sven paper's experiments. `python -m sven.bench report --help` builds the page; "
+                    f"`python -m sven.bench {{{','.join(PINN_PROBLEMS)}}} --help` runs the PINN benchmark.",
     )
     parser.add_argument("task", choices=list(TASK_BUILDERS), help="the benchmark task")
     parser.add_argument("--study", choices=list(STUDIES), default="compare",
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["report"]:
         args = report_parser().parse_args(argv[1:])
         print(f"wrote {write_report(args.results, args.figures, args.page)}")
+        return
+    if argv[:1] and argv[0] in PINN_PROBLEMS:
+        run_pinn(argv)
         return
     try:
         run(study_parser().parse_args(argv), argv)

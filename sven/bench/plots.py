@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LABELS = {"val_loss": "validation loss", "train_loss": "training loss", "val_accuracy": "validation accuracy",
-          "epoch": "epoch", "wall_time": "wall time (s)"}
+          "epoch": "epoch", "wall_time": "wall time (s)", "step": "step", "rms_error": "RMS error of u"}
 
 
 def save_figure(figure: Figure, path: Path, title: str) -> Path:

@@ -1,0 +1,99 @@
+"""Closed-form first and second derivatives of the elementwise activations ``sven.pde`` supports.
+
+Each rule maps (module, pre-activation h) to (σ(h), σ'(h), σ''(h)), all shaped like h.
+Lookup is by exact type, so a subclass that changes ``forward`` is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Jet = tuple[Tensor, Tensor, Tensor]
+ActivationRule = Callable[[nn.Module, Tensor], Jet]
+
+_RULES: dict[type[nn.Module], ActivationRule] = {}
+_GELU_TANH_SCALE = math.sqrt(2 / math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def _register(layer_type: type[nn.Module]) -> Callable[[ActivationRule], ActivationRule]:
+    def decorate(rule: ActivationRule) -> ActivationRule:
+        _RULES[layer_type] = rule
+        return rule
+
+    return decorate
+
+
+def activation_rule(module: nn.Module) -> ActivationRule | None:
+    """The rule for this module's exact type, or None."""
+    return _RULES.get(type(module))
+
+
+def supported_activations() -> list[str]:
+    """Names of the activation types with a rule."""
+    return sorted(t.__name__ for t in _RULES)
+
+
+def _sigmoid_jet(s: Tensor) -> tuple[Tensor, Tensor]:
+    """(s', s'') of the logistic function from its value s."""
+    first = s * (1 - s)
+    return first, first * (1 - 2 * s)
+
+
+@_register(nn.Tanh)
+def _tanh(module: nn.Module, h: Tensor) -> Jet:
+    t = torch.tanh(h)
+    first = 1 - t * t
+    return t, first, -2 * t * first
+
+
+@_register(nn.Sigmoid)
+def _sigmoid(module: nn.Module, h: Tensor) -> Jet:
+    s = torch.sigmoid(h)
+    return (s, *_sigmoid_jet(s))
+
+
+@_register(nn.SiLU)
+def _silu(module: nn.Module, h: Tensor) -> Jet:
+    s = torch.sigmoid(h)
+    ds, dds = _sigmoid_jet(s)
+    return h * s, s + h * ds, 2 * ds + h * dds
+
+
+@_register(nn.Softplus)
+def _softplus(module: nn.Softplus, h: Tensor) -> Jet:
+    """Above ``threshold`` (on β·h) torch's softplus is the identity: σ' = 1, σ'' = 0 there."""
+    beta = module.beta
+    s = torch.sigmoid(beta * h)
+    ds, _ = _sigmoid_jet(s)
+    linear = beta * h > module.threshold
+    first = torch.where(linear, torch.ones_like(s), s)
+    second = torch.where(linear, torch.zeros_like(s), beta * ds)
+    return F.softplus(h, beta, module.threshold), first, second
+
+
+@_register(nn.GELU)
+def _gelu(module: nn.GELU, h: Tensor) -> Jet:
+    if module.approximate == "tanh":
+        return _gelu_tanh(h)
+    cdf = 0.5 * (1 + torch.erf(h / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
+    return h * cdf, cdf + h * pdf, pdf * (2 - h * h)
+
+
+def _gelu_tanh(h: Tensor) -> Jet:
+    """0.5·h·(1 + tanh(u)), u = c·(h + 0.044715·h³), c = √(2/π)."""
+    u = _GELU_TANH_SCALE * (h + _GELU_TANH_CUBIC * h**3)
+    du = _GELU_TANH_SCALE * (1 + 3 * _GELU_TANH_CUBIC * h * h)
+    ddu = _GELU_TANH_SCALE * 6 * _GELU_TANH_CUBIC * h
+    t = torch.tanh(u)
+    sech2 = 1 - t * t
+    value = 0.5 * h * (1 + t)
+    first = 0.5 * (1 + t) + 0.5 * h * sech2 * du
+    second = sech2 * (du + 0.5 * h * (ddu - 2 * t * du * du))
+    return value, first, second
