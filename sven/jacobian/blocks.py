@@ -69,6 +69,14 @@ class GradientBlock(ABC):
         return sum(g.reshape(batch, -1).to(torch.float64) @ v.reshape(-1).to(torch.float64)
                    for g, v in zip(grads, values))
 
+    def nonfinite_samples(self) -> Tensor:
+        """(B,) bool: samples with a NaN or Inf among their factors (so possibly in their gradients)."""
+        factors = [f for f in self.sample_factors() if f.is_floating_point()]
+        bad = torch.zeros(factors[0].shape[0], dtype=torch.bool, device=factors[0].device)
+        for factor in factors:
+            bad |= ~torch.isfinite(factor.reshape(factor.shape[0], -1)).all(dim=1)
+        return bad
+
     def sample_factors(self) -> tuple[Tensor, ...]:
         """Tensors (B, …) that determine this block's per-sample gradients; by default the gradients themselves."""
         return tuple(self.per_sample())

@@ -89,7 +89,15 @@ class RecomputedBlock(GradientBlock):
             return None
         return self.per_sample()
 
+    def nonfinite_samples(self) -> Tensor:
+        """From the Gram diagonal ‖g_i‖² (bounded memory, computed once)."""
+        return ~torch.isfinite(self.gram().diagonal())
+
     def gram(self) -> Tensor:
+        return self._gram
+
+    @cached_property
+    def _gram(self) -> Tensor:
         if self._kept is not None:
             return _gram_between(self._kept, self._kept)
         batch = self.batch_size

@@ -85,6 +85,15 @@ class GramJacobian(JacobianOperator):
         ]
         return self.params.flatten(filled, leading=leading)
 
+    def nonfinite_rows(self) -> Tensor:
+        """Rows with a NaN or Inf among their blocks' sample factors (the Gram diagonal once it is formed)."""
+        if "_cached_gram" in self.__dict__:
+            return super().nonfinite_rows()
+        bad = torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
+        for block in self.blocks:
+            bad |= block.nonfinite_samples()
+        return bad
+
     def masked_gram(self, columns: Tensor) -> Tensor:
         """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M."""
         keep = [piece for piece in columns.split(self.params.numels)]

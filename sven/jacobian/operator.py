@@ -100,40 +100,59 @@ class DenseJacobian(JacobianOperator):
 
 
 class RowTransformedJacobian(JacobianOperator):
-    """R·J for a small (rows_out, rows_in) matrix R over another operator J.
+    """R·J for a small (rows_out, rows_in) matrix R over another operator J — or diag(s)·J for a vector s (rows_in,).
 
     Micro-batch averaging and the residual power ``kappa`` both act on the rows of
     the per-sample loss Jacobian, so ``(R J)(R J)ᵀ = R (J Jᵀ) Rᵀ`` and
-    ``(R J)ᵀ c = Jᵀ (Rᵀ c)`` never touch the parameter dimension.
+    ``(R J)ᵀ c = Jᵀ (Rᵀ c)`` never touch the parameter dimension. A row scaling alone
+    (κ ≠ 2 without micro-batches) is kept as the vector s: O(rows) and O(rows²) work
+    where a dense diag(s) would cost rows² per product and rows³ per Gram matrix.
     """
 
     def __init__(self, base: JacobianOperator, row_map: Tensor) -> None:
-        if row_map.dim() != 2 or row_map.shape[1] != base.shape[0]:
+        rows_in = row_map.shape[-1] if row_map.dim() else -1
+        if row_map.dim() not in (1, 2) or rows_in != base.shape[0]:
             raise ValueError(
-                f"row_map must have shape (rows_out, {base.shape[0]}); got {tuple(row_map.shape)}"
+                f"row_map must have shape (rows_out, {base.shape[0]}) or ({base.shape[0]},); got {tuple(row_map.shape)}"
             )
         self.base = base
         self.row_map = row_map.to(torch.float64)
+        self.diagonal = row_map.dim() == 1
         self.shape = (row_map.shape[0], base.shape[1])
         self.dtype = base.dtype
         self.device = base.device
 
+    def _left(self, values: Tensor) -> Tensor:
+        """R · values for values (rows_in,) or (rows_in, m), float64."""
+        values = values.to(torch.float64)
+        if not self.diagonal:
+            return self.row_map @ values
+        return self.row_map * values if values.dim() == 1 else self.row_map[:, None] * values
+
+    def _sandwich(self, gram: Tensor) -> Tensor:
+        """R · G · Rᵀ for a (rows_in, rows_in) G."""
+        return self._left(self._left(gram).T).T
 
     def _compute_gram(self) -> Tensor:
-        return self.row_map @ self.base.gram() @ self.row_map.T
+        return self._sandwich(self.base.gram())
 
     def masked_gram(self, columns: Tensor) -> Tensor:
-        return self.row_map @ self.base.masked_gram(columns) @ self.row_map.T
+        return self._sandwich(self.base.masked_gram(columns))
 
     def rmatmul(self, u: Tensor) -> Tensor:
-        return self.base.rmatmul(self.row_map.T @ u.to(torch.float64))
+        u = u.to(torch.float64)
+        if self.diagonal:
+            return self.base.rmatmul(self.row_map * u if u.dim() == 1 else self.row_map[:, None] * u)
+        return self.base.rmatmul(self.row_map.T @ u)
 
     def matmul(self, v: Tensor) -> Tensor:
-        return (self.row_map @ self.base.matmul(v).to(torch.float64)).to(self.dtype)
+        return self._left(self.base.matmul(v)).to(self.dtype)
 
     def dense(self) -> Tensor:
-        return (self.row_map @ self.base.dense().to(torch.float64)).to(self.dtype)
+        return self._left(self.base.dense()).to(self.dtype)
 
     def nonfinite_rows(self) -> Tensor:
+        if self.diagonal:
+            return (self.base.nonfinite_rows() & (self.row_map != 0)) | ~torch.isfinite(self.row_map)
         uses_bad_row = ((self.row_map != 0) & self.base.nonfinite_rows()).any(dim=1)
         return uses_bad_row | ~torch.isfinite(self.row_map).all(dim=1)

@@ -80,7 +80,7 @@ class ResidualRows:
 
 
 def signed_rows(values: Tensor, kappa: float) -> tuple[Tensor, Tensor | None]:
-    """Rows sign(r)·|r|^κ (n,) float64 and the row map diag(κ·|r|^(κ−1)) (None at κ = 1).
+    """Rows sign(r)·|r|^κ (n,) float64 and the row scaling κ·|r|^(κ−1) (n,) (None at κ = 1).
 
     For κ < 1 a residual that is exactly 0 gets a zero row (its derivative is infinite there
     and its condition already holds), as for per-sample losses.
@@ -92,4 +92,4 @@ def signed_rows(values: Tensor, kappa: float) -> tuple[Tensor, Tensor | None]:
     scale = kappa * magnitude ** (kappa - 1)
     if kappa < 1.0:
         scale = torch.where(magnitude == 0, torch.zeros_like(scale), scale)
-    return torch.sign(residuals) * magnitude**kappa, torch.diag(scale)
+    return torch.sign(residuals) * magnitude**kappa, scale

@@ -25,7 +25,8 @@ def group_matrix(batch_size: int, microbatch_size: int, device: torch.device | N
 def residuals_and_row_map(
     losses: Tensor, microbatch_size: int, kappa: float
 ) -> tuple[Tensor, Tensor | None]:
-    """Residuals r (G,) in float64 and the row map R (G, B), or None when R is the identity.
+    """Residuals r (G,) in float64 and the row map R (G, B) — a vector (B,) when R is diagonal, None when
+    it is the identity.
 
     Raises ValueError for a negative loss when kappa ≠ 2 (the power is undefined).
     For kappa < 2 a group whose mean loss is exactly 0 has an infinite derivative of
@@ -48,4 +49,4 @@ def residuals_and_row_map(
     row_scale = (kappa / 2) * grouped ** (kappa / 2 - 1) if kappa != 2.0 else torch.ones_like(grouped)
     if kappa < 2.0:
         row_scale = torch.where(grouped == 0, torch.zeros_like(row_scale), row_scale)
-    return residuals, torch.diag(row_scale) if grouping is None else row_scale[:, None] * grouping
+    return residuals, row_scale if grouping is None else row_scale[:, None] * grouping
