@@ -1,0 +1,123 @@
+"""Which route each solver takes, and that the routes added for "auto" take the reference step.
+
+"auto" stays on the Gram route (the smaller side's eigenpairs) whenever the step is damped, at any
+rtol; undamped, an rtol below what the squared spectrum resolves takes "lq" (σ from the QR of the
+tall one of M, Mᵀ), never a full SVD of M; rows > cols eigendecomposes Mᵀ M (cols × cols).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CASES, LR, STEP_TOLERANCE, Case, per_sample_mse, sven_step
+from reference import reference_direction, reference_residuals_and_jacobian, relative_error
+
+import sven.opt.pinv as pinv
+from sven.opt.eigen import top_eigh
+from sven.opt.spectrum import eig_floor
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def reference_jacobian(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    model, batch = case.model_and_batch(torch.float64)
+    return reference_residuals_and_jacobian(model, per_sample_mse, batch)
+
+
+def reference_step_of(case: Case) -> torch.Tensor:
+    residuals, jacobian = reference_jacobian(case)
+    return -LR * reference_direction(jacobian, residuals, case.k, case.rtol)
+
+
+class SolverSpy:
+    """Records the shapes of the matrices ``torch.linalg.svd`` and the exact eigensolver see."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.svd_shapes: list[tuple[int, ...]] = []
+        self.eigen_sizes: list[int] = []
+        svd, exact_eigh = torch.linalg.svd, pinv.exact_eigh
+
+        def spy_svd(matrix: torch.Tensor, *args, **kwargs):
+            self.svd_shapes.append(tuple(matrix.shape))
+            return svd(matrix, *args, **kwargs)
+
+        def spy_eigh(matrix: torch.Tensor, *args):
+            self.eigen_sizes.append(matrix.shape[0])
+            return exact_eigh(matrix, *args)
+
+        monkeypatch.setattr(torch.linalg, "svd", spy_svd)
+        monkeypatch.setattr(pinv, "exact_eigh", spy_eigh)
+
+
+@pytest.mark.parametrize("damping", [1e-2, "adaptive"])
+@pytest.mark.parametrize("case_name", ["mlp_b_lt_p", "duplicated_samples", "b_gt_p"])
+def test_auto_stays_on_the_gram_route_with_damping_at_rtol_zero(case_name: str, damping: float | str) -> None:
+    """σ/(σ² + λ) is well conditioned: the Gram route is exact at rtol = 0 once λ > 0.
+
+    Values the Gram route cannot resolve (σ ≤ √(n·ε)·σ_max, cut by its floor, kept by the SVD down
+    to n·ε·σ_max) contribute at most σ/λ each against at least σ_max/(σ_max² + λ) of a kept one,
+    so the step may differ by 2·√(n·ε)·σ_max/√λ relative on top of the round-off of STEP_TOLERANCE.
+    """
+    case = Case(CASES[case_name].sizes, CASES[case_name].batch_size, rtol=0.0,
+                duplicated=CASES[case_name].duplicated)
+    step, optimizer = sven_step(case, torch.float64, "gram", "auto", damping=damping)
+    assert optimizer.last_step["svd_mode"] == "gram"
+    residuals, jacobian = reference_jacobian(case)
+    used = optimizer.last_step["damping"]
+    expected = -LR * reference_direction(jacobian, residuals, case.k, 0.0, used)
+    sigma_max = float(torch.linalg.matrix_norm(jacobian, ord=2))
+    floor_effect = 2 * eig_floor(min(jacobian.shape)) * sigma_max / used**0.5
+    assert relative_error(step, expected) <= STEP_TOLERANCE[torch.float64] + floor_effect
+
+
+@pytest.mark.parametrize("case_name", ["mlp_b_lt_p", "b_gt_p", "duplicated_samples"])
+def test_auto_takes_lq_below_the_resolved_rtol_and_never_an_svd_of_m(case_name: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    base = CASES[case_name]
+    case = Case(base.sizes, base.batch_size, rtol=1e-8, duplicated=base.duplicated)
+    spy = SolverSpy(monkeypatch)
+    step, optimizer = sven_step(case, torch.float64, "gram", "auto")
+    assert optimizer.last_step["svd_mode"] == "lq"
+    smaller = min(reference_jacobian(case)[1].shape)
+    assert spy.svd_shapes and all(shape == (smaller, smaller) for shape in spy.svd_shapes)
+    monkeypatch.undo()
+    assert relative_error(step, reference_step_of(case)) <= STEP_TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("engine", ["gram", "functorch"])
+def test_rows_above_cols_eigendecompose_the_p_by_p_side(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """M is 24 × 13: "auto" takes eigh of Mᵀ M (13 × 13), no SVD of M, and the reference step."""
+    case = CASES["b_gt_p"]
+    spy = SolverSpy(monkeypatch)
+    step, optimizer = sven_step(case, torch.float64, engine, "auto")
+    assert optimizer.last_step["svd_mode"] == "gram"
+    assert spy.eigen_sizes == [13] and spy.svd_shapes == []
+    monkeypatch.undo()
+    assert relative_error(step, reference_step_of(case)) <= STEP_TOLERANCE[torch.float64]
+
+
+def test_auto_keeps_the_gram_route_where_it_resolves_the_cut() -> None:
+    _, optimizer = sven_step(CASES["mlp_b_lt_p"], torch.float64, "gram", "auto")
+    assert optimizer.last_step["svd_mode"] == "gram"
+
+
+def psd_with_clusters(size: int, rank: int, seed: int) -> torch.Tensor:
+    """A PSD matrix (size, size) of the given rank whose eigenvalues come in pairs of equal values."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(size, rank, generator=generator, dtype=torch.float64)).Q
+    values = torch.logspace(0, -6, (rank + 1) // 2, dtype=torch.float64).repeat_interleave(2)[:rank]
+    return basis @ torch.diag(values) @ basis.T
+
+
+@pytest.mark.parametrize("k", [1, 7, 20, 39, 40])
+def test_top_eigh_gives_the_top_k_eigenpairs(k: int) -> None:
+    """Tridiagonalisation + MRRR + back-transformation: eigh's top-k values, orthonormal vectors, residual ~ n·ε."""
+    matrix = psd_with_clusters(40, 30, seed=k)
+    values, vectors = top_eigh(matrix, k)
+    expected = torch.linalg.eigvalsh(matrix)[-k:]
+    scale = float(expected[-1])
+    tolerance = 40 * 40 * torch.finfo(torch.float64).eps
+    assert values.shape == (k,) and vectors.shape == (40, k)
+    assert float((values - expected).abs().max()) <= tolerance * scale
+    assert float((vectors.T @ vectors - torch.eye(k, dtype=torch.float64)).abs().max()) <= tolerance
+    assert float((matrix @ vectors - vectors * values).norm()) <= tolerance * scale
