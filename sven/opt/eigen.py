@@ -34,12 +34,13 @@ def _lapack_error(routine: str, info: int) -> torch.linalg.LinAlgError:
 
 
 def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest eigenpairs of S (n, n), ascending: exact, LAPACK's cheapest route for a subset.
+    """The k largest eigenpairs of S (n, n), ascending: exact, by LAPACK's cheapest route for a subset.
 
-    k < n on the CPU: Householder tridiagonalisation (``dsytrd``), MRRR for the top k eigenpairs
-    of the tridiagonal matrix (``dstemr``, O(n·k)), and the reflectors applied to those k
-    vectors only (``torch.ormqr``) — about 4/3·n³ + 2·n²·k flops against the ~4·n³ of a full
-    ``eigh`` (docs/GRAM_ENGINE.md, "Top-k eigenpairs"). Otherwise ``torch.linalg.eigh``.
+    k < n on the CPU: Householder tridiagonalisation (``dsytrd``, 4/3·n³), divide and conquer on the
+    tridiagonal matrix (``dstevd``), and the reflectors applied to the top k vectors only
+    (``torch.ormqr``, 2·n²·k) — a full ``eigh`` back-transforms all n. LAPACK's subset drivers
+    (``dsyevr``/``dsyevx`` with an index range, ``dstemr`` for a subset) find the values by
+    bisection and are slower here (docs/GRAM_ENGINE.md, "Top-k eigenpairs"). Otherwise ``torch.linalg.eigh``.
     """
     n = matrix.shape[0]
     if k >= n or n < 3 or matrix.device.type != "cpu":
@@ -50,16 +51,12 @@ def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
     reflectors, diagonal, off_diagonal, tau, info = lapack.dsytrd(matrix.numpy(), lower=1, lwork=work)
     if info != 0:
         raise _lapack_error("dsytrd", info)
-    off_diagonal = np.append(off_diagonal, 0.0)
-    by_index, first = 2, n - k + 1
-    work, iwork, info = lapack.dstemr_lwork(diagonal, off_diagonal, by_index, 0.0, 0.0, first, n)
-    found, values, vectors, info = lapack.dstemr(diagonal, off_diagonal, by_index, 0.0, 0.0, first, n,
-                                                 lwork=int(work), liwork=int(iwork))
-    if info != 0 or found != k:
-        raise _lapack_error("dstemr", info)
-    vectors = torch.from_numpy(np.ascontiguousarray(vectors[:, :k]))
-    vectors[1:] = torch.ormqr(torch.from_numpy(reflectors)[1:, :-1], torch.from_numpy(tau), vectors[1:])
-    return torch.from_numpy(values[:k].copy()), vectors
+    values, vectors, info = lapack.dstevd(diagonal, off_diagonal, compute_v=1)
+    if info != 0:
+        raise _lapack_error("dstevd", info)
+    top = torch.from_numpy(np.ascontiguousarray(vectors[:, n - k:]))
+    top[1:] = torch.ormqr(torch.from_numpy(reflectors)[1:, :-1], torch.from_numpy(tau), top[1:])
+    return torch.from_numpy(values[n - k:].copy()), top
 
 
 def exact_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None
@@ -97,8 +94,9 @@ def nystrom_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torc
     """Eigendecomposition of the sketch Y = S Ω itself: the Nyström approximation Y (Ωᵀ Y)⁺ Yᵀ of S.
 
     Ω is the range finder's orthonormal basis (k + oversampling columns, power iterations). The
-    stable form of Tropp et al. (2017): shift ν = n·ε·‖Y‖, C = chol(Ωᵀ(Y + νΩ)), SVD of
-    (Y + νΩ) C⁻ᵀ = U Σ Wᵀ, eigenvalues Σ² − ν. Exact when k + oversampling ≥ rank(S).
+    stable form of Tropp et al. (2017): shift ν = n·ε·‖Y‖, C = chol(Ωᵀ(Y + νΩ)), F = (Y + νΩ) C⁻ᵀ,
+    so that F Fᵀ approximates S + νI; eigh of Fᵀ F (l × l) = W Λ gives the eigenvalues Λ − ν and
+    vectors F W Λ^(-1/2). Exact when k + oversampling ≥ rank(S).
     """
     omega = _range_finder(matrix, _sketch_width(matrix, k, options), options, generator)
     sketch = matrix @ omega
@@ -107,8 +105,8 @@ def nystrom_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torc
     core = omega.T @ shifted
     factor = torch.linalg.cholesky((core + core.T) / 2)
     root = torch.linalg.solve_triangular(factor, shifted.T, upper=False).T
-    u, sigma, _ = torch.linalg.svd(root, full_matrices=False)
-    return (sigma**2 - shift).clamp(min=0), u
+    values, small = torch.linalg.eigh(root.T @ root)
+    return (values - shift).clamp(min=0), root @ small / values.clamp(min=shift).sqrt()
 
 
 def lobpcg_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None
