@@ -13,7 +13,9 @@ from conftest import CASES, LR, STEP_TOLERANCE, Case, per_sample_mse, sven_step
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 
 import sven.opt.pinv as pinv
+from sven.jacobian import DenseJacobian
 from sven.opt.eigen import top_eigh
+from sven.opt.pinv import truncated_spectrum
 from sven.opt.spectrum import eig_floor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -121,3 +123,29 @@ def test_top_eigh_gives_the_top_k_eigenpairs(k: int) -> None:
     assert float((values - expected).abs().max()) <= tolerance * scale
     assert float((vectors.T @ vectors - torch.eye(k, dtype=torch.float64)).abs().max()) <= tolerance
     assert float((matrix @ vectors - vectors * values).norm()) <= tolerance * scale
+
+
+@pytest.mark.parametrize("kappa", [1e4, 1e6, 1e8])
+def test_lq_is_as_accurate_as_the_svd_where_the_gram_route_is_not(kappa: float) -> None:
+    """M = U diag(σ) Vᵀ (60 × 400), σ log-spaced from 1 to 1/κ, rtol below 1/κ: nothing is cut.
+
+    A backward-stable SVD step has relative error about n·ε·κ (the least-squares sensitivity); the
+    "lq" route (σ and U from the R factor, step Mᵀ U Σ⁻² Uᵀ r) stays within it, while the Gram route,
+    which resolves σ only down to √(n·ε)·σ_max ≈ 1e-7, loses the step at κ = 1e8.
+    """
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = 60, 400
+    u = torch.linalg.qr(torch.randn(rows, rows, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, rows, generator=generator, dtype=torch.float64)).Q
+    sigma = torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), rows, dtype=torch.float64)
+    operator = DenseJacobian(u @ torch.diag(sigma) @ v.T)
+    residuals = torch.randn(rows, generator=generator, dtype=torch.float64)
+    exact = v @ ((u.T @ residuals) / sigma)
+    svd_bound = rows * torch.finfo(torch.float64).eps * kappa
+
+    def error(mode: str) -> float:
+        return relative_error(truncated_spectrum(operator, mode, rows, 1e-12).direction(operator, residuals), exact)
+
+    assert error("lq") <= svd_bound
+    if kappa >= 1e8:
+        assert error("gram") > 1e3 * svd_bound

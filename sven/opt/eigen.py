@@ -126,11 +126,12 @@ def lobpcg_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch
 
 def arpack_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None
                 ) -> tuple[Tensor, Tensor]:
-    """``scipy.sparse.linalg.eigsh`` (ARPACK, tol 0, largest algebraic) for k < n − 1; ``top_eigh`` otherwise."""
+    """``scipy.sparse.linalg.eigsh`` (ARPACK, tol 0, largest algebraic) while its Krylov space (2k + 1) is smaller
+    than n; otherwise ARPACK would run a full Lanczos, and ``top_eigh`` gives the same pairs for less."""
     import scipy.sparse.linalg
 
     size = matrix.shape[0]
-    if k >= size - 1:
+    if 2 * k + 1 >= size:
         return top_eigh(matrix, k)
     start = np.random.default_rng(START_SEED).standard_normal(size)
     values, vectors = scipy.sparse.linalg.eigsh(matrix.cpu().numpy(), k=k, which="LA", tol=0, v0=start)
