@@ -369,10 +369,11 @@ KNOBS = [
     Knob("randomized, k = B/2", MLP_256, dict(k=128, svd_mode="randomized")),
     Knob("randomized_v2, k = B/2", MLP_256, dict(k=128, svd_mode="randomized_v2")),
     Knob("scipy (eigsh), k = B/2", MLP_256, dict(k=128, svd_mode="scipy")),
-    Knob("lobpcg, k = B/4", MLP_256, dict(k=64, svd_mode="lobpcg"), max_steps=3),
+    Knob("lobpcg, k = B/8", MLP_256, dict(k=32, svd_mode="lobpcg"), max_steps=5),
     Knob("rtol = 0, damping = 1e-3", MLP_256, dict(k=256, rtol=0.0, damping=1e-3)),
     Knob("rtol = 1e-8, undamped (lq)", MLP_256, dict(k=256, rtol=1e-8), max_steps=5),
     Knob("rtol = 0, damping = 1e-3", MLP_64_1024, dict(k=1024, rtol=0.0, damping=1e-3)),
+    Knob("rtol = 0, undamped (lq)", MLP_64_1024, dict(k=1024, rtol=0.0), max_steps=1),
     Knob("rows > P (Mᵀ M side)", ROWS_ABOVE_P, dict(k=1024)),
 ]
 """The knobs of the knob table, each against SGD and the default step (``Sven(wrapped)``, k = B) on its model."""
