@@ -374,7 +374,8 @@ KNOBS = [
     Knob("rtol = 1e-8, undamped (lq)", MLP_256, dict(k=256, rtol=1e-8), max_steps=5),
     Knob("rtol = 0, damping = 1e-3", MLP_64_1024, dict(k=1024, rtol=0.0, damping=1e-3)),
     Knob("rtol = 0, undamped (lq)", MLP_64_1024, dict(k=1024, rtol=0.0), max_steps=1),
-    Knob("rows > P (Mᵀ M side)", ROWS_ABOVE_P, dict(k=1024)),
+    Knob("rows > P: the full SVD of M (\"torch\") against the default Mᵀ M side", ROWS_ABOVE_P,
+         dict(k=1024, svd_mode="torch")),
 ]
 """The knobs of the knob table, each against SGD and the default step (``Sven(wrapped)``, k = B) on its model."""
 
