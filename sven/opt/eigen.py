@@ -1,7 +1,8 @@
 """Top eigenpairs of a symmetric positive semi-definite float64 matrix S (n, n), one routine per solver.
 
-Every routine has the signature ``(S, k, options, generator) -> (eigenvalues (m,), eigenvectors (n, m))``,
-m ≤ n, in any order; ``sven.opt.sides`` turns them into singular triplets of M. ``S`` is the
+Every routine has the signature ``(S, k, options, generator) -> (eigenvalues (n',), eigenvectors (n, m))``:
+eigenvalues ascending, the last m of them belonging to the m eigenvectors (m ≤ n' ≤ n; ``top_eigh``
+returns all n values and the top k vectors); ``sven.opt.sides`` turns them into singular triplets of M. ``S`` is the
 smaller of M Mᵀ and Mᵀ M, so the solvers never touch the (rows × cols) Jacobian itself.
 """
 
@@ -34,7 +35,7 @@ def _lapack_error(routine: str, info: int) -> torch.linalg.LinAlgError:
 
 
 def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest eigenpairs of S (n, n), ascending: exact, by LAPACK's cheapest route for a subset.
+    """All n eigenvalues of S (n, n), ascending, and the eigenvectors (n, k) of the k largest: exact.
 
     k < n on the CPU: Householder tridiagonalisation (``dsytrd``, 4/3·n³), divide and conquer on the
     tridiagonal matrix (``dstevd``), and the reflectors applied to the top k vectors only
@@ -56,7 +57,7 @@ def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
         raise _lapack_error("dstevd", info)
     top = torch.from_numpy(np.ascontiguousarray(vectors[:, n - k:]))
     top[1:] = torch.ormqr(torch.from_numpy(reflectors)[1:, :-1], torch.from_numpy(tau), top[1:])
-    return torch.from_numpy(values[n - k:].copy()), top
+    return torch.from_numpy(values), top
 
 
 def exact_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None
@@ -121,7 +122,9 @@ def lobpcg_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch
         return top_eigh(matrix, wanted)
     start_generator = torch.Generator(device=matrix.device).manual_seed(START_SEED)
     start = torch.randn(size, wanted, dtype=torch.float64, device=matrix.device, generator=start_generator)
-    return torch.lobpcg(matrix, k=wanted, X=start, largest=True, tol=1e-13, niter=2000)
+    values, vectors = torch.lobpcg(matrix, k=wanted, X=start, largest=True, tol=1e-13, niter=2000)
+    order = torch.argsort(values)
+    return values[order], vectors[:, order]
 
 
 def arpack_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None

@@ -43,6 +43,7 @@ from sven.opt.spectrum import (
     certify_nothing_cut,
     effective_rtol,
     eig_floor,
+    squared_floor,
     svd_floor,
     truncate,
 )
@@ -54,7 +55,8 @@ GRAM_CUT_MARGIN = 10.0
 R_FACTOR_CHUNK_ELEMENTS = 2**23
 """float64 elements of one chunk of the tall matrix the "lq" route factorises (64 MiB)."""
 
-Solver = Callable[[JacobianOperator, int, float, SolverOptions, "torch.Generator | None"], Spectrum]
+Solver = Callable[[JacobianOperator, int, float, SolverOptions, "torch.Generator | None", float], Spectrum]
+"""(M, k, rtol, options, generator, damping: the smallest λ the step may use) → the truncated spectrum."""
 SOLVERS: dict[str, Solver] = {}
 
 
@@ -68,7 +70,7 @@ def _solver(name: str) -> Callable[[Solver], Solver]:
 
 @_solver("gram")
 def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                generator: torch.Generator | None) -> Spectrum:
+                generator: torch.Generator | None, damping: float) -> Spectrum:
     """Exact top-k eigenpairs of the smaller side S (float64); λ = σ².
 
     On M Mᵀ with k ≥ rows, when ``certify_nothing_cut`` proves that no σ falls below the cut,
@@ -77,19 +79,20 @@ def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOption
     side = smaller_side(op)
     if isinstance(side, RowSide) and k >= op.shape[0]:
         gram = side.matrix
-        certificate = certify_nothing_cut(gram, effective_rtol(rtol, eig_floor(gram.shape[0])))
+        floor = squared_floor(gram.shape[0], damping)
+        certificate = certify_nothing_cut(gram, effective_rtol(rtol, floor))
         if certificate is not None:
-            return CertifiedGramSpectrum(gram, certificate, rtol)
-    return side.eigen_spectrum(*exact_eigh(side.matrix, k, options, generator), k, rtol)
+            return CertifiedGramSpectrum(gram, certificate, rtol, floor)
+    return side.eigen_spectrum(*exact_eigh(side.matrix, k, options, generator), k, rtol, damping)
 
 
 def _side_solver(name: str, routine: EigenRoutine, summary: str) -> Solver:
     """Register the solver that runs ``routine`` on the smaller side of M."""
 
     def solve(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-              generator: torch.Generator | None) -> Spectrum:
+              generator: torch.Generator | None, damping: float) -> Spectrum:
         side = smaller_side(op)
-        return side.eigen_spectrum(*routine(side.matrix, k, options, generator), k, rtol)
+        return side.eigen_spectrum(*routine(side.matrix, k, options, generator), k, rtol, damping)
 
     solve.__doc__ = summary
     return _solver(name)(solve)
@@ -103,7 +106,7 @@ _side_solver("lobpcg", lobpcg_eigh, "``torch.lobpcg`` on the smaller side (``lob
 
 @_solver("torch")
 def torch_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                 generator: torch.Generator | None) -> Spectrum:
+                 generator: torch.Generator | None, damping: float) -> Spectrum:
     """Full thin SVD of the materialised M in float64 (the reference path)."""
     u, sigma, vh = torch.linalg.svd(op.dense().to(torch.float64), full_matrices=False)
     return truncate(u, sigma, vh.T, k, rtol, svd_floor(op.shape))
@@ -124,7 +127,7 @@ def r_factor(tall: Tensor) -> Tensor:
 
 @_solver("lq")
 def orthogonal_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                      generator: torch.Generator | None) -> Spectrum:
+                      generator: torch.Generator | None, damping: float) -> Spectrum:
     """σ to SVD accuracy without an SVD of M: the tall one T of M, Mᵀ is Q R, and R = W Σ Zᵀ (n × n).
 
     Z holds the smaller side's singular vectors (U when rows ≤ cols, V otherwise), so the cut is
@@ -161,4 +164,4 @@ def truncated_spectrum(
     ``generator`` feeds the randomized modes (None: torch's global generator); ``damping`` is
     the smallest λ the step may use.
     """
-    return SOLVERS[resolve_mode(mode, op.shape, rtol, damping)](op, k, rtol, options, generator)
+    return SOLVERS[resolve_mode(mode, op.shape, rtol, damping)](op, k, rtol, options, generator, damping)

@@ -2,8 +2,8 @@
 
 Rows ≤ cols: the Gram matrix M Mᵀ (rows × rows) — eigenvectors are U, σ = √λ, V is never formed
 (the step is Mᵀ c through ``op.rmatmul``). Rows > cols: Mᵀ M (cols × cols) from the materialised
-M (rows·cols ≤ rows² is then small) — eigenvectors are V, U = M V / σ. Either way σ is squared, so the
-cut never goes below ``eig_floor`` of the side's size.
+M (rows·cols ≤ rows² is then small) — eigenvectors are V, U = M V / σ. Either way σ is squared, so an
+undamped cut never goes below ``eig_floor`` of the side's size (``squared_floor``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
-from sven.opt.spectrum import TruncatedSpectrum, eig_floor, truncate
+from sven.opt.spectrum import TruncatedSpectrum, squared_floor, truncate
 
 
 class Side(ABC):
@@ -35,13 +35,24 @@ class Side(ABC):
         """Mᵀ or M, whichever has n columns, in the operator's dtype: its right singular vectors are this side's."""
 
     @abstractmethod
-    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float) -> TruncatedSpectrum:
-        """M's truncated spectrum from singular values ``sigma`` (m,) and this side's vectors (n, m)."""
+    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+        """M's truncated spectrum from singular values ``sigma`` (m,) and this side's vectors (n, m).
 
-    def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor, k: int, rtol: float) -> TruncatedSpectrum:
-        """M's truncated spectrum from eigenpairs of ``matrix``: σ = √λ, cut at ``eig_floor(n)`` or above."""
+        ``damped``: every step from it uses λ > 0, so σ = 0 directions may be kept (``truncate``'s ``keep_zero``).
+        """
+
+    def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor, k: int, rtol: float,
+                       damping: float) -> TruncatedSpectrum:
+        """M's truncated spectrum from eigenpairs of ``matrix``: σ = √λ, cut at ``squared_floor`` or above.
+
+        ``eigenvalues`` (n',) ascending, the last m belonging to ``eigenvectors`` (n, m); ``damping``:
+        the smallest λ the step may use.
+        """
         sigma = eigenvalues.clamp(min=0).sqrt()
-        return self.spectrum(sigma, eigenvectors, k, rtol, eig_floor(eigenvectors.shape[0]))
+        found = eigenvectors.shape[1]
+        floor = squared_floor(eigenvectors.shape[0], damping)
+        return self.spectrum(sigma[sigma.numel() - found:], eigenvectors, k, rtol, floor, sigma, damping > 0)
 
 
 class RowSide(Side):
@@ -55,8 +66,9 @@ class RowSide(Side):
     def tall(self) -> Tensor:
         return self.op.dense().T
 
-    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float) -> TruncatedSpectrum:
-        return truncate(vectors, sigma, None, k, rtol, floor)
+    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+        return truncate(vectors, sigma, None, k, rtol, floor, sigma_all, keep_zero=damped)
 
 
 class ColumnSide(Side):
@@ -74,8 +86,10 @@ class ColumnSide(Side):
     def tall(self) -> Tensor:
         return self.op.dense()
 
-    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float) -> TruncatedSpectrum:
-        right = truncate(vectors, sigma, None, k, rtol, floor)
+    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+        """U = M V / σ needs σ > 0: zeros are dropped even when damped (they weigh σ/(σ² + λ) = 0)."""
+        right = truncate(vectors, sigma, None, k, rtol, floor, sigma_all)
         left = self.dense64 @ right.u / right.sigma
         return TruncatedSpectrum(left, right.sigma, right.u, right.sigma_all, right.rtol_used)
 
