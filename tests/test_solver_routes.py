@@ -16,6 +16,7 @@ import sven.opt.pinv as pinv
 from sven.jacobian import DenseJacobian
 from sven.opt.eigen import top_eigh
 from sven.opt.pinv import truncated_spectrum
+from sven.opt.spectrum import RESOLVED_MARGIN, eig_floor, squared_floor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -149,3 +150,12 @@ def test_lq_is_as_accurate_as_the_svd_where_the_gram_route_is_not(kappa: float) 
     assert error("lq") <= svd_bound
     if kappa >= 1e8:
         assert error("gram") > 1e3 * svd_bound
+
+
+def test_the_floor_of_a_squared_route_lifts_only_for_a_damping_it_resolves() -> None:
+    """No cut for λ ≥ 100·n·ε·λ_max (eigenvalue errors ≤ 1 % of λ); a smaller λ (adaptive near damping_min) keeps it."""
+    size, largest = 256, 4.0
+    resolving = (RESOLVED_MARGIN * eig_floor(size)) ** 2 * largest
+    assert squared_floor(size, 0.0, largest) == eig_floor(size)
+    assert squared_floor(size, 0.5 * resolving, largest) == eig_floor(size)
+    assert squared_floor(size, resolving, largest) == 0.0

@@ -42,7 +42,7 @@ from sven.opt.spectrum import (
     Spectrum,
     certify_nothing_cut,
     effective_rtol,
-    eig_floor,
+    resolves,
     squared_floor,
     svd_floor,
     truncate,
@@ -50,8 +50,6 @@ from sven.opt.spectrum import (
 
 __all__ = ["SOLVERS", "SVD_MODES", "SolverOptions", "resolve_mode", "truncated_spectrum"]
 
-GRAM_CUT_MARGIN = 10.0
-"""The squared-spectrum routes resolve an undamped cut rtol ≥ this × their floor √(n·ε) (λ then to ~1 %)."""
 R_FACTOR_CHUNK_ELEMENTS = 2**23
 """float64 elements of one chunk of the tall matrix the "lq" route factorises (64 MiB)."""
 
@@ -79,7 +77,7 @@ def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOption
     side = smaller_side(op)
     if isinstance(side, RowSide) and k >= op.shape[0]:
         gram = side.matrix
-        floor = squared_floor(gram.shape[0], damping)
+        floor = squared_floor(gram.shape[0], damping, float(gram.diagonal().sum()))
         certificate = certify_nothing_cut(gram, effective_rtol(rtol, floor))
         if certificate is not None:
             return CertifiedGramSpectrum(gram, certificate, rtol, floor)
@@ -146,13 +144,12 @@ def resolve_mode(mode: str, shape: tuple[int, int], rtol: float, damping: float 
 
     ``damping`` is the smallest λ the step may use (0: undamped). With λ > 0 the filtered
     σ/(σ² + λ) is well conditioned at any rtol, so the squared-spectrum route "gram" (on the
-    smaller side) is taken; undamped, it is taken when rtol ≥ ``GRAM_CUT_MARGIN``·√(n·ε),
-    n = min(rows, cols), and "lq" below.
+    smaller side) is taken; undamped, it is taken when it ``resolves`` rtol (rtol ≥ 10·√(n·ε),
+    n = min(rows, cols)), and "lq" below.
     """
     if mode != "auto":
         return mode
-    resolved = damping > 0 or rtol >= GRAM_CUT_MARGIN * eig_floor(min(shape))
-    return "gram" if resolved else "lq"
+    return "gram" if damping > 0 or resolves(rtol, min(shape)) else "lq"
 
 
 def truncated_spectrum(

@@ -39,7 +39,8 @@ class Side(ABC):
                  sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
         """M's truncated spectrum from singular values ``sigma`` (m,) and this side's vectors (n, m).
 
-        ``damped``: every step from it uses λ > 0, so σ = 0 directions may be kept (``truncate``'s ``keep_zero``).
+        ``damped``: every step from it uses a λ that resolves (``squared_floor`` is 0), so σ = 0 directions
+        may be kept (``truncate``'s ``keep_zero``).
         """
 
     def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor, k: int, rtol: float,
@@ -51,8 +52,8 @@ class Side(ABC):
         """
         sigma = eigenvalues.clamp(min=0).sqrt()
         found = eigenvectors.shape[1]
-        floor = squared_floor(eigenvectors.shape[0], damping)
-        return self.spectrum(sigma[sigma.numel() - found:], eigenvectors, k, rtol, floor, sigma, damping > 0)
+        floor = squared_floor(eigenvectors.shape[0], damping, float(eigenvalues.max()) if found else 0.0)
+        return self.spectrum(sigma[sigma.numel() - found:], eigenvectors, k, rtol, floor, sigma, floor == 0.0)
 
 
 class RowSide(Side):

@@ -30,13 +30,24 @@ def eig_floor(size: int) -> float:
     return (max(size, 1) * FLOAT64_EPS) ** 0.5
 
 
-def squared_floor(size: int, damping: float) -> float:
-    """Floor of a route that squares σ (eigenpairs of M Mᵀ or Mᵀ M, size × size): ``eig_floor`` undamped, 0 damped.
+RESOLVED_MARGIN = 10.0
+"""A squared-spectrum route resolves a relative level ρ of σ/σ_max when ρ ≥ this × its floor √(n·ε) (λ to ~1 %)."""
 
-    With λ > 0 the step weighs each eigenpair by 1/(σ² + λ) ≤ 1/λ in c = (M Mᵀ + λI)⁻¹ r, so an
-    eigenvalue known only to size·ε·σ_max² perturbs it by at most size·ε·σ_max²/λ relative: no cut is needed.
+
+def resolves(level: float, size: int) -> bool:
+    """Whether eigenpairs of a (size, size) Gram matrix resolve the relative level ``level`` of σ/σ_max."""
+    return level >= RESOLVED_MARGIN * eig_floor(size)
+
+
+def squared_floor(size: int, damping: float, largest: float) -> float:
+    """Floor of a route that squares σ (eigenpairs of M Mᵀ or Mᵀ M, size × size, largest eigenvalue ``largest``).
+
+    ``eig_floor(size)``, or 0 when the damping λ resolves: √(λ/largest) ≥ ``RESOLVED_MARGIN``·√(size·ε). The
+    step then weighs each eigenpair by 1/(σ² + λ) ≤ 1/λ in c = (M Mᵀ + λI)⁻¹ r, and an eigenvalue known
+    only to size·ε·largest moves it by at most size·ε·largest/λ ≤ 1e-2 relative: no cut is needed.
     """
-    return 0.0 if damping > 0 else eig_floor(size)
+    damped = damping > 0 and largest > 0 and resolves((damping / largest) ** 0.5, size)
+    return 0.0 if damped else eig_floor(size)
 
 
 def effective_rtol(rtol: float, floor: float) -> float:
