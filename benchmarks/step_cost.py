@@ -6,7 +6,7 @@ Methods (each on its own copy of the same model, random data, no download):
   sgd         forward + backward of the mean loss + torch.optim.SGD.step
   sven        SvenWrapper(engine="gram") + Sven(svd_mode="gram", k=B): the Gram engine; with k ≥ B the
               solve is the Cholesky-certified route when nothing is cut (else eigh)
-  sven_k64    the same with k = 64 < B: the top-64 eigenpairs need eigh (B > 64 only)
+  sven_k64    the same with k = 64 < B: the top-64 eigenpairs (sven.opt.eigen.top_eigh; B > 64 only)
   torch_path  SvenWrapper(engine="functorch") + Sven(svd_mode="torch", k=B): J (B × P) and its full SVD;
               skipped where its steps would take over a minute, else as many steps (≥ 3) as fit in one
 Steps of SGD and Sven are interleaved round-robin, so a load change on the shared machine
