@@ -1,12 +1,12 @@
 """Cost of one training step: SGD, Sven on the Gram engine, and Sven on the reference SVD path.
 
-    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3]
+    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3] [--knobs]
 
 Methods (each on its own copy of the same model, random data, no download):
   sgd         forward + backward of the mean loss + torch.optim.SGD.step
   sven        SvenWrapper(engine="gram") + Sven(svd_mode="gram", k=B): the Gram engine; with k ≥ B the
               solve is the Cholesky-certified route when nothing is cut (else eigh)
-  sven_k64    the same with k = 64 < B: the top-64 eigenpairs need eigh (B > 64 only)
+  sven_k64    the same with k = 64 < B: the top-64 eigenpairs (sven.opt.eigen.top_eigh; B > 64 only)
   torch_path  SvenWrapper(engine="functorch") + Sven(svd_mode="torch", k=B): J (B × P) and its full SVD;
               skipped where its steps would take over a minute, else as many steps (≥ 3) as fit in one
 Steps of SGD and Sven are interleaved round-robin, so a load change on the shared machine
@@ -21,6 +21,9 @@ optimizer state after one step): CUDA — torch.cuda.max_memory_allocated; CPU �
 in-use heap bytes (mallinfo2: arena + mmapped blocks) sampled after every aten op by a
 TorchDispatchMode (forward, autograd backward and solver ops alike).
 The "breakdown" section times the phases of the Sven step separately (medians).
+``--knobs`` instead times the settings of ``KNOBS`` (k < B, the randomized, scipy and lobpcg modes,
+rtol = 0 with damping, a tiny undamped rtol, rows > P), each interleaved with SGD and the default
+step on its model, with the route "auto" took and the peak memory.
 Writes benchmarks/results/step_cost_<device>.json and prints a table.
 """
 
@@ -116,9 +119,9 @@ def make_model(config: Config, device: torch.device) -> nn.Module:
 
 def make_stepper(method: str, config: Config, device: torch.device) -> Callable[[], None]:
     """A closure that takes one full training step of ``method`` on a fixed batch."""
-    model = make_model(config, device)
-    batch = make_batch(config, device)
     if method == "sgd":
+        model = make_model(config, device)
+        batch = make_batch(config, device)
         optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
 
         def sgd_step() -> None:
@@ -132,14 +135,22 @@ def make_stepper(method: str, config: Config, device: torch.device) -> Callable[
         "sven_k64": ("gram", "gram", 64),
         "torch_path": ("functorch", "torch", config.batch_size),
     }[method]
+    return sven_stepper(config, device, engine, dict(k=k, rtol=RTOL, svd_mode=svd_mode))[0]
+
+
+def sven_stepper(config: Config, device: torch.device, engine: str, options: dict[str, Any]
+                 ) -> tuple[Callable[[], None], Sven]:
+    """A closure taking one Sven step with ``options`` on ``engine`` (fixed batch), and its optimizer."""
+    model = make_model(config, device)
+    batch = make_batch(config, device)
     wrapped = SvenWrapper(model, per_sample_cross_entropy, engine=engine)
-    sven = Sven(wrapped, lr=SVEN_LR, k=k, rtol=RTOL, svd_mode=svd_mode)
+    sven = Sven(wrapped, lr=SVEN_LR, **options)
 
     def sven_step() -> None:
         wrapped.loss_and_grad(batch)
         sven.step()
 
-    return sven_step
+    return sven_step, sven
 
 
 def synchronize(device: torch.device) -> None:
@@ -267,7 +278,11 @@ def _heap_in_use() -> int:
 
 def peak_memory_mb(method: str, config: Config, device: torch.device) -> float:
     """Peak memory (MB) that ``MEMORY_STEPS`` steps of ``method`` add to what existed before them."""
-    step = make_stepper(method, config, device)
+    return step_peak_memory_mb(make_stepper(method, config, device), device)
+
+
+def step_peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
+    """Peak memory (MB) that ``MEMORY_STEPS`` calls of ``step`` add to what existed after a first call."""
     step()
     synchronize(device)
     if device.type == "cuda":
@@ -334,6 +349,87 @@ def run(device: torch.device, steps: int, warmup: int, out: Path) -> list[dict[s
     return rows
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A setting a user turns on: a label, the model and batch it runs on, and Sven's options (Gram engine)."""
+
+    label: str
+    config: Config
+    options: dict[str, Any]
+    max_steps: int | None = None
+    """Fewer timed steps for a knob whose steps take seconds (its median then comes from these)."""
+
+
+MLP_256 = Config("mlp_784-128-10", 256, mlp(784, 128, 10), (784,))
+MLP_64_1024 = Config("mlp_784-64-10", 1024, mlp(784, 64, 10), (784,))
+ROWS_ABOVE_P = Config("mlp_2-16-16-10", 1024, mlp(2, 16, 16, 10), (2,))
+KNOBS = [
+    Knob("k = B/2 (top-k eigh)", MLP_256, dict(k=128)),
+    Knob("k = B/4 (top-k eigh)", MLP_256, dict(k=64)),
+    Knob("randomized, k = B/2", MLP_256, dict(k=128, svd_mode="randomized")),
+    Knob("randomized_v2, k = B/2", MLP_256, dict(k=128, svd_mode="randomized_v2")),
+    Knob("scipy (eigsh), k = B/2", MLP_256, dict(k=128, svd_mode="scipy")),
+    Knob("lobpcg, k = B/8", MLP_256, dict(k=32, svd_mode="lobpcg"), max_steps=5),
+    Knob("rtol = 0, damping = 1e-3", MLP_256, dict(k=256, rtol=0.0, damping=1e-3)),
+    Knob("rtol = 1e-8, undamped (lq)", MLP_256, dict(k=256, rtol=1e-8), max_steps=5),
+    Knob("rtol = 0, damping = 1e-3", MLP_64_1024, dict(k=1024, rtol=0.0, damping=1e-3)),
+    Knob("rtol = 0, undamped (lq)", MLP_64_1024, dict(k=1024, rtol=0.0), max_steps=1),
+    Knob("rows > P: the full SVD of M (\"torch\") against the default Mᵀ M side", ROWS_ABOVE_P,
+         dict(k=1024, svd_mode="torch")),
+]
+"""The knobs of the knob table, each against SGD and the default step (``Sven(wrapped)``, k = B) on its model."""
+
+
+def knob_row(knob: Knob, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    """Median step of SGD, the default Sven step and the knob's, interleaved; the knob's route and peak memory."""
+    config = knob.config
+    default_options = dict(k=config.batch_size)
+    steppers = {"sgd": make_stepper("sgd", config, device),
+                "default": sven_stepper(config, device, "gram", default_options)[0]}
+    knob_step, knob_optimizer = sven_stepper(config, device, "gram", knob.options)
+    steppers["knob"] = knob_step
+    for name, step in steppers.items():
+        for _ in range(1 if name == "knob" and knob.max_steps else warmup):
+            timed(step, device)
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
+    for index in range(steps):
+        for name, step in steppers.items():
+            if name != "knob" or knob.max_steps is None or index < knob.max_steps:
+                samples[name].append(timed(step, device))
+    ms = {name: 1e3 * statistics.median(times) for name, times in samples.items()}
+    return {
+        "knob": knob.label, "model": config.name, "batch_size": config.batch_size,
+        "params": sum(p.numel() for p in make_model(config, torch.device("cpu")).parameters()),
+        "options": knob.options, "knob_steps": len(samples["knob"]),
+        "route": knob_optimizer.last_step["svd_mode"], "median_ms": ms,
+        "knob/sgd": ms["knob"] / ms["sgd"], "knob/default": ms["knob"] / ms["default"],
+        "peak_memory_mb": {"default": step_peak_memory_mb(steppers["default"], device),
+                           "knob": step_peak_memory_mb(knob_step, device)},
+    }
+
+
+def knob_table(rows: list[dict[str, Any]]) -> str:
+    """The knob results as a markdown table."""
+    lines = ["| knob | model | B | P | route | SGD ms | default ms | knob ms | knob/SGD | knob/default "
+             "| peak MB default / knob |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ms, mem = row["median_ms"], row["peak_memory_mb"]
+        lines.append(f"| {row['knob']} | {row['model']} | {row['batch_size']} | {row['params']} | {row['route']} "
+                     f"| {ms['sgd']:.2f} | {ms['default']:.2f} | {ms['knob']:.2f} | {row['knob/sgd']:.2f} "
+                     f"| {row['knob/default']:.2f} | {mem['default']:.1f} / {mem['knob']:.1f} |")
+    return "\n".join(lines)
+
+
+def run_knobs(device: torch.device, steps: int, warmup: int, out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for knob in KNOBS:
+        rows.append(knob_row(knob, device, steps, warmup))
+        print(knob_table(rows).splitlines()[-1], flush=True)
+    write_json(out, {"environment": environment(device), "clock": clock.__name__, "steps": steps,
+                     "warmup": warmup, "rows": rows})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -344,7 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: the process's CPU time (with --threads 1, the time the "
                              "step would take on an idle core; CPU only)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/step_cost_<device>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default results/step_cost_<device>.json, step_cost_knobs_<device>.json)")
+    parser.add_argument("--knobs", action="store_true",
+                        help="time the knobs (k < B, randomized/scipy/lobpcg modes, rtol = 0 with damping, "
+                             "tiny rtol, rows > P) against SGD and the default step instead")
     args = parser.parse_args(argv)
     if args.steps < 20:
         parser.error(f"--steps must be >= 20 (medians of at least 20 steps); got {args.steps}")
@@ -355,6 +455,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--clock cpu measures CPU work; use the wall clock on a GPU")
     global clock
     clock = CLOCKS[args.clock]
+    if args.knobs:
+        out = args.out or RESULTS / f"step_cost_knobs_{device.type}.json"
+        print(knob_table(run_knobs(device, args.steps, args.warmup, out)))
+        print(f"\nwrote {out}")
+        return
     out = args.out or RESULTS / f"step_cost_{device.type}.json"
     rows = run(device, args.steps, args.warmup, out)
     print()

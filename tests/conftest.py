@@ -129,11 +129,11 @@ def reference_step(case: Case, dtype: torch.dtype) -> torch.Tensor:
     return -LR * reference_direction(jacobian, residuals, case.k, case.rtol)
 
 
-def sven_step(case: Case, dtype: torch.dtype, engine: str, svd_mode: str) -> tuple[torch.Tensor, Sven]:
-    """The parameter change one Sven step makes, float64 (P,), and the optimizer."""
+def sven_step(case: Case, dtype: torch.dtype, engine: str, svd_mode: str, **options) -> tuple[torch.Tensor, Sven]:
+    """The parameter change one Sven step makes, float64 (P,), and the optimizer (``options``: more Sven options)."""
     model, batch = case.model_and_batch(dtype)
     wrapped = SvenWrapper(model, per_sample_mse, engine=engine)
-    optimizer = Sven(wrapped, lr=LR, k=case.k, rtol=case.rtol, svd_mode=svd_mode)
+    optimizer = Sven(wrapped, lr=LR, k=case.k, rtol=case.rtol, svd_mode=svd_mode, **options)
     before = flat_parameters(model)
     wrapped.loss_and_grad(batch)
     optimizer.step()

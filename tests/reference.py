@@ -43,12 +43,13 @@ def reference_residuals_and_jacobian(
     return residuals(sub).detach(), jacrev(residuals)(sub).detach()
 
 
-def reference_direction(jacobian: Tensor, residuals: Tensor, k: int, rtol: float) -> Tensor:
-    """M⁺ r with the truncated SVD, float64."""
+def reference_direction(jacobian: Tensor, residuals: Tensor, k: int, rtol: float, damping: float = 0.0) -> Tensor:
+    """M⁺ r with the truncated SVD, float64; with ``damping`` λ > 0 each kept σ gives σ/(σ² + λ)."""
     u, sigma, vh = torch.linalg.svd(jacobian, full_matrices=False)
     cut = max(rtol, max(jacobian.shape) * EPS64) * sigma[0]
     keep = int(((sigma > cut) & (sigma > 0)).sum().clamp(max=k))
-    return vh[:keep].T @ ((u[:, :keep].T @ residuals) / sigma[:keep])
+    kept = sigma[:keep]
+    return vh[:keep].T @ ((u[:, :keep].T @ residuals) * kept / (kept**2 + damping))
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

@@ -198,7 +198,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         results = {name: train(scenario, rank) for name, scenario in SCENARIOS.items()}
-        results["randomized_seeded_apart"] = error_message(RANDOMIZED_SEEDED_APART, rank, None)
+        results["randomized_seeded_apart"] = train(RANDOMIZED_SEEDED_APART, rank)
         results["bad_target_on_rank1"] = error_message(SCENARIOS["gram_mlp"], rank, 1)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
@@ -249,9 +249,10 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(ranks: list[dict]) -> None
     )
 
 
-def test_randomized_solver_with_ranks_seeded_apart_raises_on_every_rank(ranks: list[dict]) -> None:
-    for rank in ranks:
-        assert rank["randomized_seeded_apart"].startswith("RuntimeError: the vector passed to M·v differs")
+def test_randomized_solver_with_ranks_seeded_apart_still_takes_one_step_on_every_rank(ranks: list[dict]) -> None:
+    """The randomized modes sketch the replicated Gram matrix; Mᵀ c broadcasts c from the first rank."""
+    first, second = (rank["randomized_seeded_apart"] for rank in ranks)
+    assert torch.equal(first["params"], second["params"]) and not any(first["skipped"])
 
 
 def test_bytes_per_step_follow_the_formula(ranks: list[dict]) -> None:

@@ -67,8 +67,9 @@ def test_the_model_makes_b_times_p_far_larger_than_any_weight_or_activation() ->
     assert BATCH * largest_layer >= BATCH * parameters // 4, "a per-sample gradient of one layer must trip too"
 
 
-@pytest.mark.parametrize("svd_mode, k", [("gram", 64), ("gram", 8), ("auto", 64)],
-                         ids=["cholesky_route", "eigh_route", "auto"])
+@pytest.mark.parametrize("svd_mode, k", [("gram", 64), ("gram", 8), ("auto", 64), ("randomized", 16),
+                                         ("randomized_v2", 16), ("lobpcg", 8), ("scipy", 8)],
+                         ids=["cholesky_route", "eigh_route", "auto", "randomized", "randomized_v2", "lobpcg", "scipy"])
 def test_gram_engine_step_allocates_nothing_of_jacobian_size(svd_mode: str, k: int) -> None:
     largest, op, jacobian_size = largest_allocation_of_a_step("gram", svd_mode, k)
     weights = max(p.numel() for p in make_mlp(SIZES).parameters())

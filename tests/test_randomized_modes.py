@@ -16,6 +16,7 @@ RANDOMIZED_MODES = ("randomized", "randomized_v2")
 FULL_RANK_CASES = {
     "full_rank_k_equals_rank": Case((3, 8, 2), 12, k=12),
     "rank_deficient_k_above_rank": CASES["duplicated_samples"],
+    "b_gt_p_on_the_column_side": CASES["b_gt_p"],
 }
 
 

@@ -6,53 +6,55 @@ Every solver takes a Jacobian operator M (rows × cols) and returns a
 spectrum then applies M⁺ (or its Tikhonov-filtered version) to the residuals
 (``Spectrum.direction``). All small dense algebra runs in float64.
 
-Modes: "torch" (full SVD of M, the reference), "gram" (eigh of M Mᵀ, exact and
-cheap when rows ≤ cols), "randomized" (range finder + SVD of the projection),
-"randomized_v2" (range finder + eigh of the sketch's Gram matrix), "scipy"
-(``scipy.sparse.linalg.svds``), "lobpcg" (``torch.lobpcg`` on the smaller of
-MᵀM and MMᵀ) and "auto" (the cheapest exact route for the shape: "gram" when
-rows ≤ cols and rtol ≥ 1e-6, else "torch"; equal to "torch" up to round-off).
-The randomized modes draw their test matrices from a ``torch.Generator`` the
-caller owns (``Sven`` keeps one and saves it in its ``state_dict``).
+Modes: "torch" (full SVD of M, the reference), "lq" (QR of the tall one of M, Mᵀ by chunks, then
+the SVD of its small triangular factor: σ to SVD accuracy without a full SVD of M), and five
+modes on the smaller side S of M — M Mᵀ when rows ≤ cols, Mᵀ M otherwise (``sven.opt.sides``),
+which never form M on the Gram engine when rows ≤ cols: "gram" (exact top-k eigenpairs of S, or
+no eigendecomposition at all when a Cholesky certificate proves nothing is cut), "randomized"
+(range finder with oversampling and power iterations, Rayleigh–Ritz), "randomized_v2"
+(Nyström: eigendecomposition of the sketch S Ω), "scipy" (ARPACK ``eigsh``) and "lobpcg"
+(``torch.lobpcg``). "auto" (``resolve_mode``) is "gram" unless the step is undamped and rtol
+lies below what the squared spectrum resolves, then "lq". The randomized modes draw their test
+matrices from a ``torch.Generator`` the caller owns (``Sven`` keeps one and saves it in its
+``state_dict``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
+from sven.opt.eigen import (
+    EigenRoutine,
+    SolverOptions,
+    arpack_eigh,
+    exact_eigh,
+    lobpcg_eigh,
+    nystrom_eigh,
+    randomized_eigh,
+)
+from sven.opt.sides import RowSide, smaller_side
 from sven.opt.spectrum import (
     CertifiedGramSpectrum,
     Spectrum,
-    TruncatedSpectrum,
     certify_nothing_cut,
     effective_rtol,
-    eig_floor,
-    gram_eigh,
+    resolves,
+    squared_floor,
     svd_floor,
     truncate,
 )
 
-GRAM_RTOL_LIMIT = 1e-6
-"""Below this rtol the Gram route cannot resolve the cut; "auto" then takes an SVD of M."""
-LOBPCG_SEED = 0
-"""Seed of LOBPCG's start block: a fixed local generator, so its result never depends on global RNG state."""
+__all__ = ["SOLVERS", "SVD_MODES", "SolverOptions", "resolve_mode", "truncated_spectrum"]
 
+R_FACTOR_CHUNK_ELEMENTS = 2**23
+"""float64 elements of one chunk of the tall matrix the "lq" route factorises (64 MiB)."""
 
-@dataclass(frozen=True)
-class SolverOptions:
-    """Options of the randomized solvers (ignored by the others)."""
-
-    oversampling: int = 5
-    power_iterations: int = 1
-
-
-Solver = Callable[[JacobianOperator, int, float, SolverOptions, "torch.Generator | None"], Spectrum]
+Solver = Callable[[JacobianOperator, int, float, SolverOptions, "torch.Generator | None", float], Spectrum]
+"""(M, k, rtol, options, generator, damping: the smallest λ the step may use) → the truncated spectrum."""
 SOLVERS: dict[str, Solver] = {}
 
 
@@ -66,125 +68,97 @@ def _solver(name: str) -> Callable[[Solver], Solver]:
 
 @_solver("gram")
 def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                generator: torch.Generator | None) -> Spectrum:
-    """M Mᵀ (rows × rows, float64); λ = σ²; V is never formed.
+                generator: torch.Generator | None, damping: float) -> Spectrum:
+    """Exact top-k eigenpairs of the smaller side S (float64); λ = σ².
 
-    When k ≥ rows and ``certify_nothing_cut`` proves that no σ falls below the cut, the
-    step needs no eigendecomposition (``CertifiedGramSpectrum``); otherwise eigh.
+    On M Mᵀ with k ≥ rows, when ``certify_nothing_cut`` proves that no σ falls below the cut,
+    the step needs no eigendecomposition (``CertifiedGramSpectrum``).
     """
-    gram = op.gram()
-    if k >= gram.shape[0]:
-        certificate = certify_nothing_cut(gram, effective_rtol(rtol, eig_floor(gram.shape[0])))
+    side = smaller_side(op)
+    if isinstance(side, RowSide) and k >= op.shape[0]:
+        gram = side.matrix
+        floor = squared_floor(gram.shape[0], damping, float(gram.diagonal().sum()))
+        certificate = certify_nothing_cut(gram, effective_rtol(rtol, floor))
         if certificate is not None:
-            return CertifiedGramSpectrum(gram, certificate, rtol)
-    return gram_eigh(gram, k, rtol)
+            return CertifiedGramSpectrum(gram, certificate, rtol, floor)
+    return side.eigen_spectrum(*exact_eigh(side.matrix, k, options, generator), k, rtol, damping)
+
+
+def _side_solver(name: str, routine: EigenRoutine, summary: str) -> Solver:
+    """Register the solver that runs ``routine`` on the smaller side of M."""
+
+    def solve(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
+              generator: torch.Generator | None, damping: float) -> Spectrum:
+        side = smaller_side(op)
+        return side.eigen_spectrum(*routine(side.matrix, k, options, generator), k, rtol, damping)
+
+    solve.__doc__ = summary
+    return _solver(name)(solve)
+
+
+_side_solver("randomized", randomized_eigh, "Range finder + Rayleigh–Ritz on the smaller side (``randomized_eigh``).")
+_side_solver("randomized_v2", nystrom_eigh, "Nyström eigendecomposition of the sketch of the smaller side.")
+_side_solver("scipy", arpack_eigh, "ARPACK ``eigsh`` on the smaller side (``arpack_eigh``).")
+_side_solver("lobpcg", lobpcg_eigh, "``torch.lobpcg`` on the smaller side (``lobpcg_eigh``).")
 
 
 @_solver("torch")
 def torch_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                 generator: torch.Generator | None) -> Spectrum:
+                 generator: torch.Generator | None, damping: float) -> Spectrum:
     """Full thin SVD of the materialised M in float64 (the reference path)."""
     u, sigma, vh = torch.linalg.svd(op.dense().to(torch.float64), full_matrices=False)
     return truncate(u, sigma, vh.T, k, rtol, svd_floor(op.shape))
 
 
-def _range_finder(op: JacobianOperator, width: int, power_iterations: int, generator: torch.Generator | None) -> Tensor:
-    """Orthonormal Q (rows, width) approximately spanning the range of M."""
-    omega = torch.randn(op.shape[1], width, dtype=op.dtype, device=op.device, generator=generator)
-    q = torch.linalg.qr(op.matmul(omega).to(torch.float64)).Q
-    for _ in range(power_iterations):
-        z = torch.linalg.qr(op.rmatmul(q).to(torch.float64)).Q
-        q = torch.linalg.qr(op.matmul(z).to(torch.float64)).Q
-    return q
+def r_factor(tall: Tensor) -> Tensor:
+    """R (n, n) float64 of the QR of a tall (N, n) matrix, by chunks of rows: R ← R of [R; chunk] (TSQR).
 
-
-def _sketch(op: JacobianOperator, k: int, options: SolverOptions, generator: torch.Generator | None
-            ) -> tuple[Tensor, Tensor]:
-    """(Q, Qᵀ M) with Q (rows, l), l = min(k + oversampling, rows, cols)."""
-    width = min(k + options.oversampling, *op.shape)
-    q = _range_finder(op, width, options.power_iterations, generator)
-    return q, op.rmatmul(q).to(torch.float64).T
-
-
-@_solver("randomized")
-def randomized_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                      generator: torch.Generator | None) -> Spectrum:
-    """Randomized SVD: range finder with power iterations, then SVD of Qᵀ M."""
-    q, projected = _sketch(op, k, options, generator)
-    u_small, sigma, vh = torch.linalg.svd(projected, full_matrices=False)
-    return truncate(q @ u_small, sigma, vh.T, k, rtol, svd_floor(op.shape))
-
-
-@_solver("randomized_v2")
-def randomized_eig_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                          generator: torch.Generator | None) -> Spectrum:
-    """Randomized range finder, then eigh of the sketch's small Gram matrix (Qᵀ M)(Qᵀ M)ᵀ."""
-    q, projected = _sketch(op, k, options, generator)
-    spectrum = gram_eigh(projected @ projected.T, k, rtol)
-    v = projected.T @ spectrum.u / spectrum.sigma
-    return TruncatedSpectrum(q @ spectrum.u, spectrum.sigma, v, spectrum.sigma_all, spectrum.rtol_used)
-
-
-@_solver("scipy")
-def scipy_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                 generator: torch.Generator | None) -> Spectrum:
-    """``scipy.sparse.linalg.svds`` (ARPACK, tol=0) for k < min(rows, cols); full LAPACK SVD otherwise."""
-    import scipy.linalg
-    import scipy.sparse.linalg
-
-    matrix = op.dense().to(torch.float64).cpu().numpy()
-    if k >= min(matrix.shape) - 1:
-        u, sigma, vh = scipy.linalg.svd(matrix, full_matrices=False)
-    else:
-        u, sigma, vh = scipy.sparse.linalg.svds(matrix, k=k, tol=0, random_state=np.random.default_rng(0))
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(op.device)  # noqa: E731
-    return truncate(as_tensor(u), as_tensor(sigma), as_tensor(vh.T), k, rtol, svd_floor(op.shape))
-
-
-@_solver("lobpcg")
-def lobpcg_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
-                  generator: torch.Generator | None) -> Spectrum:
-    """``torch.lobpcg`` for the top k eigenpairs of the smaller of MMᵀ and MᵀM.
-
-    LOBPCG needs the matrix size to be at least 3·k; smaller problems use eigh. Its start
-    block comes from a local generator seeded with ``LOBPCG_SEED``.
+    Memory: one float64 chunk of ``R_FACTOR_CHUNK_ELEMENTS``; Q is never formed.
     """
-    rows, cols = op.shape
-    use_gram = rows <= cols
-    dense64 = None if use_gram else op.dense().to(torch.float64)
-    matrix = op.gram() if use_gram else dense64.T @ dense64
-    size = matrix.shape[0]
-    wanted = min(k, size)
-    if size < 3 * wanted:
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    else:
-        start_generator = torch.Generator(device=matrix.device).manual_seed(LOBPCG_SEED)
-        start = torch.randn(size, wanted, dtype=torch.float64, device=matrix.device, generator=start_generator)
-        eigenvalues, eigenvectors = torch.lobpcg(matrix, k=wanted, X=start, largest=True, tol=1e-13, niter=2000)
-    spectrum = truncate(eigenvectors, eigenvalues.clamp(min=0).sqrt(), None, k, rtol, eig_floor(size))
-    if use_gram:
-        return spectrum
-    u = dense64 @ spectrum.u / spectrum.sigma
-    return TruncatedSpectrum(u, spectrum.sigma, spectrum.u, spectrum.sigma_all, spectrum.rtol_used)
+    n = tall.shape[1]
+    chunk_rows = max(n, R_FACTOR_CHUNK_ELEMENTS // max(n, 1))
+    r = torch.zeros(0, n, dtype=torch.float64, device=tall.device)
+    for start in range(0, tall.shape[0], chunk_rows):
+        r = torch.linalg.qr(torch.cat([r, tall[start:start + chunk_rows].to(torch.float64)]), mode="r").R
+    return r
+
+
+@_solver("lq")
+def orthogonal_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOptions,
+                      generator: torch.Generator | None, damping: float) -> Spectrum:
+    """σ to SVD accuracy without an SVD of M: the tall one T of M, Mᵀ is Q R, and R = W Σ Zᵀ (n × n).
+
+    Z holds the smaller side's singular vectors (U when rows ≤ cols, V otherwise), so the cut is
+    at ``svd_floor``; the step is applied like the smaller side's (Mᵀ U Σ⁻² Uᵀ r when rows ≤ cols).
+    """
+    side = smaller_side(op)
+    _, sigma, zh = torch.linalg.svd(r_factor(side.tall))
+    return side.spectrum(sigma, zh.T, k, rtol, svd_floor(op.shape))
 
 
 SVD_MODES = ("auto", *SOLVERS)
 
 
-def resolve_mode(mode: str, shape: tuple[int, int], rtol: float) -> str:
-    """The solver "auto" stands for on this shape; other modes are returned unchanged."""
+def resolve_mode(mode: str, shape: tuple[int, int], rtol: float, damping: float = 0.0) -> str:
+    """The solver "auto" stands for; other modes are returned unchanged.
+
+    ``damping`` is the smallest λ the step may use (0: undamped). With λ > 0 the filtered
+    σ/(σ² + λ) is well conditioned at any rtol, so the squared-spectrum route "gram" (on the
+    smaller side) is taken; undamped, it is taken when it ``resolves`` rtol (rtol ≥ 10·√(n·ε),
+    n = min(rows, cols)), and "lq" below.
+    """
     if mode != "auto":
         return mode
-    rows, cols = shape
-    return "gram" if rows <= cols and rtol >= GRAM_RTOL_LIMIT else "torch"
+    return "gram" if damping > 0 or resolves(rtol, min(shape)) else "lq"
 
 
 def truncated_spectrum(
     op: JacobianOperator, mode: str, k: int, rtol: float, options: SolverOptions = SolverOptions(),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, damping: float = 0.0,
 ) -> Spectrum:
-    """The truncated SVD of M by the named solver ("auto" resolved by shape and rtol).
+    """The truncated SVD of M by the named solver ("auto" resolved by shape, rtol and ``damping``).
 
-    ``generator`` feeds the randomized modes (None: torch's global generator).
+    ``generator`` feeds the randomized modes (None: torch's global generator); ``damping`` is
+    the smallest λ the step may use.
     """
-    return SOLVERS[resolve_mode(mode, op.shape, rtol)](op, k, rtol, options, generator)
+    return SOLVERS[resolve_mode(mode, op.shape, rtol, damping)](op, k, rtol, options, generator, damping)

@@ -22,13 +22,23 @@ class SolveOutcome:
     note: str | None = None
 
 
+def smallest_damping(settings: StepSettings) -> float:
+    """The smallest λ this step may filter with: the fixed λ, or the adaptive schedule's lower bound."""
+    return settings.schedule.minimum if settings.adaptive else settings.fixed_damping
+
+
 def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator: torch.Generator | None
                    ) -> SolveOutcome:
-    """Truncated spectrum of M (rows, cols) by ``settings.svd_mode``; an eigensolver failure falls back to "torch"."""
-    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol)
+    """Truncated spectrum of M (rows, cols) by ``settings.svd_mode``; an eigensolver failure falls back to "torch".
+
+    "auto" learns the smallest λ the step may use (``smallest_damping``): with λ > 0 it stays on the Gram route.
+    """
+    damping = smallest_damping(settings)
+    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping)
 
     def solve(name: str) -> Spectrum:
-        return truncated_spectrum(operator, name, settings.k, settings.rtol, settings.solver_options, generator)
+        return truncated_spectrum(operator, name, settings.k, settings.rtol, settings.solver_options, generator,
+                                  damping)
 
     try:
         return SolveOutcome(solve(mode), mode)

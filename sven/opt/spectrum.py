@@ -30,6 +30,26 @@ def eig_floor(size: int) -> float:
     return (max(size, 1) * FLOAT64_EPS) ** 0.5
 
 
+RESOLVED_MARGIN = 10.0
+"""A squared-spectrum route resolves a relative level ρ of σ/σ_max when ρ ≥ this × its floor √(n·ε) (λ to ~1 %)."""
+
+
+def resolves(level: float, size: int) -> bool:
+    """Whether eigenpairs of a (size, size) Gram matrix resolve the relative level ``level`` of σ/σ_max."""
+    return level >= RESOLVED_MARGIN * eig_floor(size)
+
+
+def squared_floor(size: int, damping: float, largest: float) -> float:
+    """Floor of a route that squares σ (eigenpairs of M Mᵀ or Mᵀ M, size × size, largest eigenvalue ``largest``).
+
+    ``eig_floor(size)``, or 0 when the damping λ resolves: √(λ/largest) ≥ ``RESOLVED_MARGIN``·√(size·ε). The
+    step then weighs each eigenpair by 1/(σ² + λ) ≤ 1/λ in c = (M Mᵀ + λI)⁻¹ r, and an eigenvalue known
+    only to size·ε·largest moves it by at most size·ε·largest/λ ≤ 1e-2 relative: no cut is needed.
+    """
+    damped = damping > 0 and largest > 0 and resolves((damping / largest) ** 0.5, size)
+    return 0.0 if damped else eig_floor(size)
+
+
 def effective_rtol(rtol: float, floor: float) -> float:
     """The relative cut a route applies: the requested rtol, never below the route's floor."""
     return max(rtol, floor)
@@ -70,7 +90,8 @@ class Spectrum(ABC):
 class TruncatedSpectrum(Spectrum):
     """M ≈ U diag(σ) Vᵀ on the kept triplets (float64): ``u`` (rows, r), ``v`` (cols, r) or None.
 
-    ``v`` is None on eigen-routes that never form it; M⁺r is then Mᵀ U diag(1/σ²) Uᵀ r.
+    ``v`` is None on eigen-routes that never form it; M⁺r is then Mᵀ U diag(1/(σ² + λ)) Uᵀ r, which
+    stays finite for σ = 0 when damped.
     """
 
     u: Tensor
@@ -80,36 +101,44 @@ class TruncatedSpectrum(Spectrum):
     rtol_used: float
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        sigma = self.sigma
+        squared = self.sigma**2 + damping
         projected = self.u.T @ residuals.to(torch.float64)
-        inverse_sigma = sigma / (sigma**2 + damping) if damping > 0 else 1.0 / sigma
         if self.v is not None:
-            return (self.v @ (inverse_sigma * projected)).to(op.dtype)
-        return op.rmatmul(self.u @ (inverse_sigma / sigma * projected))
+            return (self.v @ (self.sigma / squared * projected)).to(op.dtype)
+        return op.rmatmul(self.u @ (projected / squared))
 
     def leading(self, rank: int) -> TruncatedSpectrum:
         v = None if self.v is None else self.v[:, :rank]
         return TruncatedSpectrum(self.u[:, :rank], self.sigma[:rank], v, self.sigma_all, self.rtol_used)
 
 
-def truncate(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float) -> TruncatedSpectrum:
+def truncate(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float,
+             sigma_all: Tensor | None = None, keep_zero: bool = False) -> TruncatedSpectrum:
     """Sort descending, then keep at most k values with σ > effective_rtol(rtol, floor)·σ_max (and σ > 0).
 
-    ``u`` (rows, n), ``sigma`` (n,), ``v`` (cols, n) or None.
+    ``u`` (rows, n), ``sigma`` (n,), ``v`` (cols, n) or None; ``sigma_all`` (≥ n,): every value the
+    solver computed when it found vectors for the largest n only (default: ``sigma``). ``keep_zero``
+    (damped Gram routes, where each direction weighs 1/(σ² + λ)): keep σ ≥ the cut, zeros included.
     """
     order = torch.argsort(sigma, descending=True)
     sigma, u = sigma[order], u[:, order]
     v = None if v is None else v[:, order]
+    sigma_all = sigma if sigma_all is None else torch.sort(sigma_all, descending=True).values
     rtol_used = effective_rtol(rtol, floor)
-    cut = rtol_used * float(sigma[0]) if sigma.numel() else 0.0
-    keep = int(((sigma > cut) & (sigma > 0)).sum().clamp(max=k))
-    return TruncatedSpectrum(u[:, :keep], sigma[:keep], None if v is None else v[:, :keep], sigma, rtol_used)
+    cut = rtol_used * float(sigma_all[0]) if sigma_all.numel() else 0.0
+    kept = sigma >= cut if keep_zero else (sigma > cut) & (sigma > 0)
+    keep = int(kept.sum().clamp(max=k))
+    return TruncatedSpectrum(u[:, :keep], sigma[:keep], None if v is None else v[:, :keep], sigma_all, rtol_used)
 
 
-def gram_eigh(gram: Tensor, k: int, rtol: float) -> TruncatedSpectrum:
-    """The truncated spectrum of M from ``eigh`` of its Gram matrix G = M Mᵀ (rows, rows) float64: σ = √λ."""
+def gram_eigh(gram: Tensor, k: int, rtol: float, floor: float | None = None) -> TruncatedSpectrum:
+    """The truncated spectrum of M from ``eigh`` of its Gram matrix G = M Mᵀ (rows, rows) float64: σ = √λ.
+
+    ``floor``: the relative cut's lower bound (default ``eig_floor(rows)``).
+    """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    return truncate(eigenvectors, eigenvalues.clamp(min=0).sqrt(), None, k, rtol, eig_floor(gram.shape[0]))
+    floor = eig_floor(gram.shape[0]) if floor is None else floor
+    return truncate(eigenvectors, eigenvalues.clamp(min=0).sqrt(), None, k, rtol, floor)
 
 
 @dataclass(frozen=True)
@@ -156,16 +185,17 @@ class CertifiedGramSpectrum(Spectrum):
     when something reads ``sigma`` or ``sigma_all`` (diagnostics) or cuts the spectrum.
     """
 
-    def __init__(self, gram: Tensor, certificate: GramCertificate, rtol: float) -> None:
+    def __init__(self, gram: Tensor, certificate: GramCertificate, rtol: float, floor: float) -> None:
         self.gram = gram
         self.certificate = certificate
         self.rtol = rtol
-        self.rtol_used = effective_rtol(rtol, eig_floor(gram.shape[0]))
+        self.floor = floor
+        self.rtol_used = effective_rtol(rtol, floor)
 
     @cached_property
     def eigen(self) -> TruncatedSpectrum:
         """The eigh route's spectrum of the same Gram matrix."""
-        return gram_eigh(self.gram, self.gram.shape[0], self.rtol)
+        return gram_eigh(self.gram, self.gram.shape[0], self.rtol, self.floor)
 
     @property
     def sigma(self) -> Tensor:

@@ -1,0 +1,101 @@
+"""The two symmetric sides of M (rows × cols) whose eigenpairs give its SVD, and the smaller one of them.
+
+Rows ≤ cols: the Gram matrix M Mᵀ (rows × rows) — eigenvectors are U, σ = √λ, V is never formed
+(the step is Mᵀ c through ``op.rmatmul``). Rows > cols: Mᵀ M (cols × cols) from the materialised
+M (rows·cols ≤ rows² is then small) — eigenvectors are V, U = M V / σ. Either way σ is squared, so an
+undamped cut never goes below ``eig_floor`` of the side's size (``squared_floor``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from sven.jacobian.operator import JacobianOperator
+from sven.opt.spectrum import TruncatedSpectrum, squared_floor, truncate
+
+
+class Side(ABC):
+    """One side of M: ``matrix`` (n, n) float64 and how its eigen- or singular vectors become M's spectrum."""
+
+    def __init__(self, op: JacobianOperator) -> None:
+        self.op = op
+
+    @property
+    @abstractmethod
+    def matrix(self) -> Tensor:
+        """The side's Gram matrix (n, n), float64."""
+
+    @property
+    @abstractmethod
+    def tall(self) -> Tensor:
+        """Mᵀ or M, whichever has n columns, in the operator's dtype: its right singular vectors are this side's."""
+
+    @abstractmethod
+    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+        """M's truncated spectrum from singular values ``sigma`` (m,) and this side's vectors (n, m).
+
+        ``damped``: every step from it uses a λ that resolves (``squared_floor`` is 0), so σ = 0 directions
+        may be kept (``truncate``'s ``keep_zero``).
+        """
+
+    def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor, k: int, rtol: float,
+                       damping: float) -> TruncatedSpectrum:
+        """M's truncated spectrum from eigenpairs of ``matrix``: σ = √λ, cut at ``squared_floor`` or above.
+
+        ``eigenvalues`` (n',) ascending, the last m belonging to ``eigenvectors`` (n, m); ``damping``:
+        the smallest λ the step may use.
+        """
+        sigma = eigenvalues.clamp(min=0).sqrt()
+        found = eigenvectors.shape[1]
+        floor = squared_floor(eigenvectors.shape[0], damping, float(eigenvalues.max()) if found else 0.0)
+        return self.spectrum(sigma[sigma.numel() - found:], eigenvectors, k, rtol, floor, sigma, floor == 0.0)
+
+
+class RowSide(Side):
+    """M Mᵀ (rows, rows): vectors are U; V stays implicit."""
+
+    @property
+    def matrix(self) -> Tensor:
+        return self.op.gram()
+
+    @property
+    def tall(self) -> Tensor:
+        return self.op.dense().T
+
+    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+        return truncate(vectors, sigma, None, k, rtol, floor, sigma_all, keep_zero=damped)
+
+
+class ColumnSide(Side):
+    """Mᵀ M (cols, cols) from the materialised M: vectors are V, and U = M V / σ."""
+
+    @cached_property
+    def dense64(self) -> Tensor:
+        return self.op.dense().to(torch.float64)
+
+    @cached_property
+    def matrix(self) -> Tensor:
+        return self.dense64.T @ self.dense64
+
+    @property
+    def tall(self) -> Tensor:
+        return self.op.dense()
+
+    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+        """U = M V / σ needs σ > 0: zeros are dropped even when damped (they weigh σ/(σ² + λ) = 0)."""
+        right = truncate(vectors, sigma, None, k, rtol, floor, sigma_all)
+        left = self.dense64 @ right.u / right.sigma
+        return TruncatedSpectrum(left, right.sigma, right.u, right.sigma_all, right.rtol_used)
+
+
+def smaller_side(op: JacobianOperator) -> Side:
+    """The cheaper exact side: M Mᵀ when rows ≤ cols, else Mᵀ M."""
+    rows, cols = op.shape
+    return RowSide(op) if rows <= cols else ColumnSide(op)
