@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from reference import reference_direction, reference_residuals_and_jacobian
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from sven.nn import SvenWrapper
 from sven.opt import Sven
@@ -193,3 +196,19 @@ def resume_from_checkpoint(config: dict, path: Path) -> list[Tensor]:
     optimizer.load_state_dict(checkpoint["optimizer"])
     optimizer.step(checkpoint_batches()[4])
     return parameter_copies(wrapped)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest numel of any tensor an aten op returns, and which op returned it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.numel:
+                self.numel, self.op = leaf.numel(), str(func)
+        return out

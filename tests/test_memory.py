@@ -14,32 +14,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp, per_sample_mse
+from conftest import LargestAllocation, make_batch, make_mlp, per_sample_mse
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 
 SIZES = [64, 256, 256, 8]
 BATCH = 32
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest numel of any tensor an aten op returns, and which op returned it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-        self.op = ""
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.numel:
-                self.numel, self.op = leaf.numel(), str(func)
-        return out
 
 
 def largest_allocation_of_a_step(

@@ -7,9 +7,8 @@ import time
 
 import pytest
 import torch
-from conftest import flat_parameters, make_mlp
+from conftest import LargestAllocation, flat_parameters, make_mlp
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
-from test_memory import LargestAllocation
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
