@@ -179,3 +179,16 @@ def test_a_fallback_layer_takes_part_in_the_regularised_step(chunk_numel: int) -
                      fisher_decay=0.3)
     optimizer.step(batch)
     assert relative_error(flat_parameters(model) - theta, LR * d) <= TOLERANCE
+
+
+def test_a_zero_jacobian_with_coupled_decay_is_a_pure_shrink() -> None:
+    """Every loss already 0 (κ = 2: M = 0 exactly): the minimiser is d = −λ/(λ + μ)·θ, no skip, no crash."""
+    model = make_mlp([3, 5, 2])
+    x, _ = make_batch(6, 3, 2)
+    with torch.no_grad():
+        y = model(x)
+    theta = flat_parameters(model)
+    optimizer = Sven(SvenWrapper(model, per_sample_mse), lr=0.5, weight_decay=1e-2, damping=1e-3)
+    optimizer.step((x, y))
+    assert optimizer.last_step["skipped"] is False
+    assert relative_error(flat_parameters(model), (1 - 0.5 * 1e-2 / (1e-2 + 1e-3)) * theta) <= 1e-12
