@@ -21,6 +21,8 @@ import itertools
 from typing import Any
 
 FIXED_DAMPING = (0.1, 1.0, 10.0)
+LM_START = "B*0.001"
+"""B × the starting λ of torch-levenberg-marquardt (1e-3): Sven's λ is B × LM's, so both take the same first step."""
 
 HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     "sven": {
@@ -45,8 +47,9 @@ HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
         "grid": {"lr": (0.5, 1.0), "k": (16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2), "damping": ("adaptive",)},
     },
     "sven-gn-damped": {
-        "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "kappa": 1, "damping": "adaptive"},
-        "grid": {"lr": (0.5, 1.0), "k": (16, "B"), "rtol": (1e-4, 1e-3, 1e-2), "kappa": (1,), "damping": ("adaptive",)},
+        "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "kappa": 1, "damping": "adaptive", "damping_init": LM_START},
+        "grid": {"lr": (0.5, 1.0), "k": ("B",), "rtol": (0.0, 1e-4, 1e-3), "kappa": (1,), "damping": ("adaptive",),
+                 "damping_init": (LM_START,)},
     },
     "adam": {"default": {"lr": 1e-3}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},
     "sgd": {"default": {"lr": 1e-2}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},

@@ -87,7 +87,8 @@ def timing_lines(payloads: list[dict[str, Any]], figures: Path, page: Path) -> l
     lines = ["## Time to target", "",
              "Training seconds (the clock stops during evaluation; validation loss recorded every "
              f"{TRACE_EVERY} optimizer steps and at each epoch's end) until a run's validation loss first reaches "
-             "Adam's and LM's final validation loss on the same seed: mean over the seeds that reach it (reached/seeds). "
+             "Adam's and LM's final validation loss on the same seed: mean over the seeds that reach it "
+             "(reached/seeds). "
              f"LM is torch-levenberg-marquardt; one LM step with damping λ equals `{RUNNER}` (Sven, κ = 1) with "
              "damping B·λ, so `damping_init` = B × LM's starting λ (1e-3) gives both the same first step.", ""]
     for payload in traced:

@@ -64,9 +64,10 @@ def race(runner: dict[str, Any], reference: dict[str, Any]) -> Race:
     """Time each run needs for every new best validation loss the ``reference`` run reaches after its start."""
     seconds, values = validation_curve(reference)
     runner_curve = validation_curve(runner)
-    levels, reference_seconds = [], []
+    levels: list[float] = []
+    reference_seconds: list[float] = []
     for when, value in zip(seconds[1:], values[1:]):
-        if value < min(values[0], *levels):
+        if value < (levels[-1] if levels else values[0]):
             levels.append(value)
             reference_seconds.append(when)
     return Race(levels, reference_seconds, [seconds_to_reach(*runner_curve, level) for level in levels])
