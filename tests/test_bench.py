@@ -319,3 +319,30 @@ def test_lbfgs_uses_strong_wolfe_and_keeps_its_curvature_pairs_within_one_batch(
         stepper.step(x[:32], y[:32])
         state = stepper.optimizer.state[stepper.optimizer.param_groups[0]["params"][0]]
         assert state["n_iter"] <= settings["max_iter"] and len(state["old_dirs"]) < settings["max_iter"]
+
+
+def test_report_renders_the_demo_table_and_the_time_to_target_section(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    adam = [traced_run("adam", "adam", seed, [0.0, 1.0, 2.0], [1.0, 0.1, 0.01]) for seed in (0, 1)]
+    lm = [traced_run("lm", "lm", seed, [0.0, 2.0, 4.0], [1.0, 0.01, 0.001]) for seed in (0, 1)]
+    sven = [traced_run("sven-gn-damped", "sven-gn-damped", seed, [0.0, 1.5, 3.0], [1.0, 0.005, 0.0001])
+            for seed in (0, 1)]
+    base = {"task": "toy1d", "command": "python -m sven.bench toy1d", "environment": {"cpu": "test"},
+            "total_seconds": 1.0, "skipped": {}, "options": {"epochs": 1, "seeds": 2, "grid": False,
+                                                             "grid_epochs": None}}
+    compare = {**base, "study": "compare", "name": "toy1d-compare", "runs": [*adam, *lm, *sven]}
+    demo = {**base, "study": "demo", "name": "toy1d-demo", "reference": "adam",
+            "runs": [*adam, *(traced_run("sven", "sven", seed, [0.0, 1.0], [1.0, loss])
+                              for seed, loss in ((0, 0.001), (1, 0.02)))]}
+    for payload in (compare, demo):
+        (results / f"{payload['name']}.json").write_text(json.dumps(payload))
+    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
+          "--page", str(tmp_path / "RESULTS.md")])
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "| sven |  | 1.0e-03 | 2.0e-02 | 1/2 | 2 |" in page
+    assert "| sven-gn-damped |  | 3.00 | 1.50 (2/2) | 3.00 (2/2) |" in page
+    assert "| adam |  | 2.00 | 2.00 (2/2) | never (0/2) |" in page
+    assert "reaches every level `lm` reaches no later than `lm`: **yes** (seed 0: 2/2 levels, worst time ratio 0.75" \
+        in page
+    assert (tmp_path / "figures" / "toy1d-compare-time.png").read_bytes()[:8] == PNG_SIGNATURE
