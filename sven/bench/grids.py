@@ -26,7 +26,7 @@ LM_START = "B*0.001"
 
 HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     "sven": {
-        "default": {"lr": 0.1, "k": "B", "rtol": 1e-3},
+        "default": {"lr": 0.05, "k": "B/2", "rtol": 1e-3},
         "grid": {"lr": (0.05, 0.1, 0.5, 1.0), "k": (1, 2, 4, 8, 16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2)},
     },
     "sven:cross_entropy": {
@@ -43,7 +43,7 @@ HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
         "grid": {"lr": (0.5, 1.0), "k": ("B",), "rtol": (1e-3,), "kappa": (1,), "damping": FIXED_DAMPING},
     },
     "sven-damped": {
-        "default": {"lr": 1.0, "k": "B", "rtol": 1e-3, "damping": "adaptive"},
+        "default": {"lr": 0.5, "k": "B/2", "rtol": 1e-4, "damping": "adaptive", "damping_init": 1e-3},
         "grid": {"lr": (0.5, 1.0), "k": (16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2), "damping": ("adaptive",)},
     },
     "sven-gn-damped": {
@@ -56,7 +56,7 @@ HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     "rmsprop": {"default": {"lr": 1e-3}, "grid": {"lr": (1e-4, 1e-3, 1e-2, 1e-1)}},
     "lbfgs": {
         "default": {"lr": 1.0, "max_iter": 5, "history_size": 10},
-        "grid": {"lr": (1.0,), "max_iter": (2, 5, 10, 20), "history_size": (2, 5, 10)},
+        "grid": {"lr": (1.0,), "max_iter": (2, 5, 10), "history_size": (2, 5, 10)},
     },
     "polyak": {"default": {"f_star": 0.0, "max_lr": 1.0}, "grid": {"f_star": (0.0,), "max_lr": (1.0,)}},
     "lm": {"default": {}, "grid": {"learning_rate": (0.1, 0.5, 1.0)}},
