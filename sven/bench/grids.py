@@ -142,6 +142,8 @@ DEMO_STUDY: tuple[tuple[str, dict[str, Any]], ...] = (
     ("sven", {"lr": 0.05, "k": "B/2", "rtol": 1e-3}),
     ("sven", {"lr": 0.05, "k": "B/2", "rtol": 1e-2}),
     ("sven", {"lr": 0.1, "k": "B/4", "rtol": 1e-3}),
+    ("sven", {"lr": 0.075, "k": "B/2", "rtol": 1e-3}),
+    ("sven", {"lr": 0.05, "k": "B/2", "rtol": 3e-4}),
     ("sven-damped", {"lr": 1.0, "k": "B", "rtol": 1e-3, "damping_init": 1e-3}),
     ("sven-damped", {"lr": 1.0, "k": "B", "rtol": 1e-4, "damping_init": 1e-3}),
     ("sven-damped", {"lr": 1.0, "k": "B", "rtol": 1e-4, "damping_init": "B*0.001"}),
