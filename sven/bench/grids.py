@@ -10,6 +10,7 @@ apply to the cross-entropy tasks only. The Sven variants:
   (``damping="adaptive"``).
 
 ``kappa`` is a setting of ``SvenWrapper``; the benchmark's Sven stepper routes it there.
+The regression defaults of "sven" and "sven-damped" are the demo's, chosen by the ``demo`` study (DEMO_STUDY).
 The cross-entropy grid of "sven" is the paper's (RMSProp-scaled, large lr); without a grid
 search the default is the plain exact step with a small lr.
 The strings "B", "B/2", "B/4" and "B*x" stand for the batch size of the task, its half, its quarter and x times it.
