@@ -5,9 +5,12 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-docs/results}
 ALL=sven,sven-damped,adam,sgd,rmsprop,lbfgs,polyak,lm
-for task in toy1d poly; do
-  $PY -m sven.bench $task --optimizers $ALL --grid --grid-epochs 2 --epochs 20 --seeds 3 --out $OUT --no-progress
-done
+# the settings tried for the demo's Sven variants, seeds 0-9 (grids.DEMO_STUDY)
+$PY -m sven.bench toy1d --study demo --epochs 20 --seeds 10 --out $OUT --no-progress
+# toy1d also runs sven-gn-damped, the time-to-target race against lm
+$PY -m sven.bench toy1d --optimizers sven,sven-damped,sven-gn-damped,${ALL#sven,sven-damped,} --grid --grid-epochs 2 \
+  --epochs 20 --seeds 3 --out $OUT --no-progress
+$PY -m sven.bench poly --optimizers $ALL --grid --grid-epochs 2 --epochs 20 --seeds 3 --out $OUT --no-progress
 # lm (torch-levenberg-marquardt) is left out on MNIST: its step is far too slow on CPU for this budget.
 $PY -m sven.bench mnist-regression --optimizers ${ALL%,lm} --epochs 5 --seeds 2 --out $OUT --no-progress
 # the exact Sven step with a larger learning rate (no grid search on MNIST: one override instead)

@@ -62,7 +62,8 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", choices=list(STUDIES), default="compare",
                         help="compare: all optimizers (Figure 1); k, rtol: Sven sweeps on the training loss "
                              "(Figure 2); microbatch_size, param_fraction: Figure 3; spectrum: Figures 2 and 4; "
-                             "lm: Sven variants against Levenberg–Marquardt, Adam and L-BFGS (grids.LM_STUDY)")
+                             "lm: Sven variants against Levenberg–Marquardt, Adam and L-BFGS (grids.LM_STUDY); "
+                             "demo: the settings tried for the demo (grids.DEMO_STUDY)")
     parser.add_argument("--optimizers", type=_optimizer_list, default=list(DEFAULT_OPTIMIZERS),
                         help=f"comma-separated subset of {','.join(OPTIMIZER_NAMES)}, for --study compare only "
                              f"(default {','.join(DEFAULT_OPTIMIZERS)}; lm needs torch-levenberg-marquardt)")

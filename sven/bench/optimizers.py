@@ -55,12 +55,23 @@ class SvenStepper:
 
 
 class ClosureStepper:
-    """Any ``torch.optim.Optimizer`` stepped with a closure computing the mean batch loss and its gradient."""
+    """Any ``torch.optim.Optimizer`` stepped with a closure computing the mean batch loss and its gradient.
 
-    def __init__(self, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.task, self.optimizer = model, task, optimizer
+    ``per_batch_state`` clears the optimizer's state before each batch. L-BFGS needs it on mini-batches:
+    otherwise its first curvature pair of a batch is the difference of two batches' gradients, whose
+    s·y can be barely positive (it only has to exceed 1e-10), giving a huge inverse-Hessian direction
+    on which the line search overflows to NaN. Cleared, each step runs ``max_iter`` L-BFGS iterations
+    with the strong-Wolfe line search on its own batch.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
+                 per_batch_state: bool = False) -> None:
+        self.model, self.task, self.optimizer, self.per_batch_state = model, task, optimizer, per_batch_state
 
     def step(self, x: Tensor, y: Tensor) -> float:
+        if self.per_batch_state:
+            self.optimizer.state.clear()
+
         def closure() -> Tensor:
             self.optimizer.zero_grad()
             loss = self.task.per_sample_loss(self.model(x), y).mean()
@@ -81,6 +92,8 @@ TORCH_OPTIMIZERS: dict[str, TorchFactory] = {
     "lbfgs": lambda params, settings: torch.optim.LBFGS(params, line_search_fn="strong_wolfe", **settings),
     "polyak": lambda params, settings: PolyakSGD(params, **settings),
 }
+PER_BATCH_STATE = ("lbfgs",)
+"""Torch optimizers whose state is cleared before every batch (see ``ClosureStepper``)."""
 SVEN_VARIANTS = ("sven", "sven-gn", "sven-gn-fixed", "sven-damped", "sven-gn-damped")
 DEFAULT_OPTIMIZERS = (*SVEN_VARIANTS, *TORCH_OPTIMIZERS)
 OPTIMIZER_NAMES = (*DEFAULT_OPTIMIZERS, "lm")
@@ -105,4 +118,5 @@ def make_stepper(name: str, model: nn.Module, task: Task, device: torch.device, 
         return make_lm_stepper(model, task, settings)
     if name not in TORCH_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
-    return ClosureStepper(model, task, TORCH_OPTIMIZERS[name](list(model.parameters()), settings))
+    optimizer = TORCH_OPTIMIZERS[name](list(model.parameters()), settings)
+    return ClosureStepper(model, task, optimizer, per_batch_state=name in PER_BATCH_STATE)

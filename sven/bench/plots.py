@@ -118,6 +118,6 @@ def plot_study(payload: dict[str, Any], path: Path) -> Path | None:
     if payload["study"] == "spectrum":
         return plot_spectra({run["label"]: run for run in payload["runs"]}, path,
                             f"{payload['task']}: singular values kept by Sven, end of each epoch")
-    if payload["study"] in ("compare", "lm"):
+    if payload["study"] in ("compare", "lm", "demo"):
         return plot_curves(group_runs(payload["runs"]), path, title)
     return plot_curves(group_runs(payload["runs"]), path, title, y=payload["metric"], xs=("epoch",))

@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sven.bench.demo_report import demo_lines
 from sven.bench.optimizers import SVEN_VARIANTS
 from sven.bench.plots import group_runs, plot_study
 from sven.bench.results import final, mean_std, read_json
 from sven.bench.studies import STUDIES
 from sven.bench.tables import markdown_table, summary_table
+from sven.bench.target_report import timing_lines
 from sven.bench.tasks import TASK_BUILDERS
 from sven.bench.verdict import bar_verdict
 
@@ -157,8 +159,10 @@ def write_report(results: Path, figures: Path, page: Path) -> Path:
     protocol = results / PROTOCOL_SCRIPT
     if protocol.is_file():
         lines += [f"The same commands, in order: [{PROTOCOL_SCRIPT}]({os.path.relpath(protocol, page.parent)}).", ""]
+    lines += demo_lines(payloads)
     lines += _machine_section(payloads)
     lines += _claim_lines(payloads)
+    lines += timing_lines(payloads, figures, page)
     lines += _bar_lines(payloads)
     lines += ["## Studies", ""]
     for payload in payloads:

@@ -3,7 +3,8 @@
 - ``compare``: every optimizer, default or grid-searched settings (Figure 1);
 - ``k``, ``rtol``, ``microbatch_size``, ``param_fraction``: Sven with one setting swept (Figures 2 and 3);
 - ``spectrum``: Sven's kept singular values across epochs, regression vs cross-entropy (Figures 2 and 4);
-- ``lm``: the Sven variants against Levenberg–Marquardt, Adam and L-BFGS (``grids.LM_STUDY``).
+- ``lm``: the Sven variants against Levenberg–Marquardt, Adam and L-BFGS (``grids.LM_STUDY``);
+- ``demo``: the settings tried for the demo's Sven variants against Adam (``grids.DEMO_STUDY``).
 
 Every run of a seed starts from the same data, initial weights and batch order, whatever the optimizer
 (``train.train`` seeds the initialisation and a separate shuffling generator from the seed).
@@ -17,7 +18,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sven.bench.grids import LM_REFERENCE, LM_STUDY, TIME_REFERENCE, default_settings, grid_settings, sweep_values
+from sven.bench.grids import (
+    DEMO_REFERENCE,
+    DEMO_STUDY,
+    LM_REFERENCE,
+    LM_STUDY,
+    TIME_REFERENCE,
+    default_settings,
+    entry_settings,
+    grid_settings,
+    sweep_values,
+)
 from sven.bench.optimizers import OptimizerUnavailable
 from sven.bench.results import final
 from sven.bench.tasks import REGRESSION, Task, build_task
@@ -96,22 +107,26 @@ def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
     return {"runs": runs, "grid_search": searches, "skipped": skipped}
 
 
-def versus_lm(task: Task, options: StudyOptions) -> dict[str, Any]:
-    """Each entry of ``grids.LM_STUDY`` (its defaults with the entry's overrides) over the seeds.
+Entries = tuple[tuple[str, dict[str, Any]], ...]
 
-    The payload names the labels of the bar's references: ``lm_reference`` (validation MSE)
-    and ``time_reference`` (seconds per epoch).
-    """
-    runs, skipped = [], {}
-    for optimizer, overrides in LM_STUDY:
-        label = " ".join([optimizer, *override_words(overrides)])
-        settings = {**default_settings(optimizer, task.loss_kind, task.batch_size), **overrides}
-        try:
-            runs += seeded_runs(task, optimizer, settings, label, options)
-        except OptimizerUnavailable as reason:
-            skipped[label] = str(reason)
-            print(f"skipping {label}: {reason}")
-    return {"runs": runs, "skipped": skipped, "lm_reference": LM_REFERENCE, "time_reference": TIME_REFERENCE}
+
+def listed(entries: Entries, references: dict[str, str]) -> Callable[[Task, StudyOptions], dict[str, Any]]:
+    """The study that trains each (optimizer, overrides) of ``entries`` over the seeds, labelled
+    "optimizer key=value …"; its payload also holds ``references`` (payload key → the label of a reference run)."""
+
+    def study(task: Task, options: StudyOptions) -> dict[str, Any]:
+        runs, skipped = [], {}
+        for optimizer, overrides in entries:
+            label = " ".join([optimizer, *override_words(overrides)])
+            settings = entry_settings(optimizer, overrides, task.loss_kind, task.batch_size)
+            try:
+                runs += seeded_runs(task, optimizer, settings, label, options)
+            except OptimizerUnavailable as reason:
+                skipped[label] = str(reason)
+                print(f"skipping {label}: {reason}")
+        return {"runs": runs, "skipped": skipped, **references}
+
+    return study
 
 
 def sweep(parameter: str) -> Callable[[Task, StudyOptions], dict[str, Any]]:
@@ -157,7 +172,8 @@ STUDIES: dict[str, Callable[[Task, StudyOptions], dict[str, Any]]] = {
     "microbatch_size": sweep("microbatch_size"),
     "param_fraction": sweep("param_fraction"),
     "spectrum": spectrum,
-    "lm": versus_lm,
+    "lm": listed(LM_STUDY, {"lm_reference": LM_REFERENCE, "time_reference": TIME_REFERENCE}),
+    "demo": listed(DEMO_STUDY, {"reference": DEMO_REFERENCE}),
 }
 
 

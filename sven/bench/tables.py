@@ -14,7 +14,7 @@ def _mean_std_text(values: list[float], number: str = ".3e", spread: str = ".1e"
     return f"{mean:{number}} ± {std:{spread}}" if len(values) > 1 else f"{mean:{number}}"
 
 
-def _settings_text(settings: dict[str, Any]) -> str:
+def settings_text(settings: dict[str, Any]) -> str:
     return json.dumps(settings, separators=(", ", "=")).strip("{}").replace('"', "")
 
 
@@ -61,10 +61,10 @@ def summary_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                          f"{spectra[0][0]:.2e} → {spectra[-1][0]:.2e}", f"{spectra[-1][-1] / spectra[-1][0]:.1e}"])
         return headers, rows
     if payload["study"] == "lm":
-        return LM_STUDY_HEADERS, [[label, _settings_text(runs[0]["settings"]), *_lm_study_row(runs)]
+        return LM_STUDY_HEADERS, [[label, settings_text(runs[0]["settings"]), *_lm_study_row(runs)]
                                   for label, runs in groups.items()]
     headers = ["optimizer" if payload["study"] == "compare" else "setting", "settings", *LOSS_HEADERS]
-    rows = [[label, _settings_text(runs[0]["settings"]), *_losses_row(runs)] for label, runs in groups.items()]
+    rows = [[label, settings_text(runs[0]["settings"]), *_losses_row(runs)] for label, runs in groups.items()]
     return headers, rows
 
 
