@@ -10,13 +10,22 @@ from torch import Tensor, nn
 from sven.jacobian.blocks import GradientBlock
 from sven.jacobian.layers.registry import register_gram_rule
 
+PAIR_COST = 64
+"""Measured cost of one multiply-add of the pair form (gathered rows) in units of one of the dense form's
+float64 matrix product (``docs/GRAM_ENGINE.md``, "nn.Embedding"); the cheaper form is taken."""
+CHUNK_NUMEL = 1 << 22
+"""Most float64 entries either form holds at once (dense columns, or gathered pair rows)."""
+
 
 class EmbeddingBlock(GradientBlock):
     """g_i = Σ_t e_{idx_it} b_itᵀ for token indices (B, T) and backprops (B, T, dim).
 
-    The Gram matrix is S Sᵀ for the sparse (B, V·dim) matrix S whose row i holds
-    sample i's gradient rows, aggregated over repeated tokens: memory grows with
-    the number of distinct (sample, token) pairs, never with B·V·dim.
+    The Gram matrix comes from the U distinct (sample, token) pairs and their summed backprops
+    r_u (U, dim): ⟨g_i, g_j⟩ = Σ over pairs u of i, v of j with the same token of r_u·r_v. It takes the
+    cheaper of two exact forms for the W distinct tokens of the batch, token v in n_v samples:
+    the dense per-sample gradients restricted to those tokens (B, W·dim) and their matrix product,
+    cost B²·W·dim, or the dot products of the Σ_v n_v² pairs sharing a token, cost Σ_v n_v²·dim at
+    ``PAIR_COST`` times the price (gathers). Memory stays within ``CHUNK_NUMEL``, never B·V·dim.
     """
 
     def __init__(self, weight: Tensor, indices: Tensor, backprops: Tensor) -> None:
@@ -32,7 +41,7 @@ class EmbeddingBlock(GradientBlock):
         return samples * self.weight.shape[0] + self.indices.reshape(-1)
 
     def _sample_token_rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(sample, token, summed backprop (U, dim)) for the U distinct (sample, token) pairs."""
+        """(sample, token, summed backprop (U, dim) float64) for the U distinct (sample, token) pairs."""
         batch, tokens = self.indices.shape
         vocab = self.weight.shape[0]
         codes, inverse = torch.unique(self._sample_token_codes(), return_inverse=True)
@@ -40,28 +49,22 @@ class EmbeddingBlock(GradientBlock):
         rows.index_add_(0, inverse, self.backprops.reshape(batch * tokens, -1).to(torch.float64))
         return codes // vocab, codes % vocab, rows
 
-    def _sparse_gradients(self) -> Tensor:
-        """The per-sample gradients as a coalesced sparse (B, V·dim) float64 matrix."""
-        batch = self.indices.shape[0]
-        vocab, dim = self.weight.shape
-        samples, tokens, rows = self._sample_token_rows()
-        columns = (tokens[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
-        return torch.sparse_coo_tensor(
-            torch.stack([samples.repeat_interleave(dim), columns]), rows.reshape(-1), (batch, vocab * dim),
-            check_invariants=False,
-        ).coalesce()
-
     def gram(self) -> Tensor:
-        sparse = self._sparse_gradients()
-        return torch.sparse.mm(sparse, sparse.t()).to_dense()
+        return self._gram(*self._sample_token_rows())
 
     def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
-        """The sparse product over the nonzero entries whose column is kept."""
-        sparse = self._sparse_gradients()
-        kept = keep[0][sparse.indices()[1]]
-        masked = torch.sparse_coo_tensor(sparse.indices()[:, kept], sparse.values()[kept], sparse.shape,
-                                         check_invariants=False).coalesce()
-        return torch.sparse.mm(masked, masked.t()).to_dense()
+        """The Gram of the pair rows with the entries of unkept columns set to zero."""
+        samples, tokens, rows = self._sample_token_rows()
+        return self._gram(samples, tokens, rows * keep[0].view(self.weight.shape)[tokens])
+
+    def _gram(self, samples: Tensor, tokens: Tensor, rows: Tensor) -> Tensor:
+        """(B, B) float64 from the pairs' samples (U,), tokens (U,) and rows (U, dim), by the cheaper form."""
+        batch = self.indices.shape[0]
+        columns = torch.unique(tokens, return_inverse=True)[1]
+        counts = torch.bincount(columns)
+        if PAIR_COST * int((counts * counts).sum()) < batch * batch * counts.numel():
+            return _pair_gram(samples, columns, counts, rows, batch)
+        return _dense_gram(samples, columns, rows, batch, counts.numel())
 
     def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
         """Σ_t b_itᵀ V[idx_it] per sample."""
@@ -97,6 +100,38 @@ class EmbeddingBlock(GradientBlock):
     def with_sample_factors(self, factors: Sequence[Tensor]) -> GradientBlock:
         indices, backprops = factors
         return EmbeddingBlock(self.weight, indices, backprops)
+
+
+def _dense_gram(samples: Tensor, columns: Tensor, rows: Tensor, batch: int, width: int) -> Tensor:
+    """Σ over groups of token columns of D Dᵀ, D (B, group·dim) the per-sample gradients on those tokens;
+    ``columns`` (U,) numbers each pair's token among the ``width`` distinct ones."""
+    dim = rows.shape[1]
+    group = max(1, CHUNK_NUMEL // (batch * dim))
+    gram = torch.zeros(batch, batch, dtype=torch.float64, device=rows.device)
+    for start in range(0, width, group):
+        inside = (columns >= start) & (columns < start + group)
+        dense = torch.zeros(batch, min(group, width - start), dim, dtype=torch.float64, device=rows.device)
+        dense[samples[inside], columns[inside] - start] = rows[inside]
+        flat = dense.view(batch, -1)
+        gram += flat @ flat.T
+    return gram
+
+
+def _pair_gram(samples: Tensor, columns: Tensor, counts: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """Σ of r_u·r_v into entry (sample_u, sample_v) over every ordered pair (u, v) of rows of one token;
+    ``counts`` (W,) the rows per distinct token."""
+    order = torch.argsort(columns, stable=True)
+    sizes = counts[columns[order]]  # of each sorted row's token group
+    group_starts = (torch.cumsum(counts, 0) - counts)[columns[order]]
+    left = torch.repeat_interleave(torch.arange(order.numel(), device=rows.device), sizes)
+    within = torch.arange(left.numel(), device=rows.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes,
+                                                                                       sizes)
+    left, right = order[left], order[group_starts[left] + within]
+    gram = torch.zeros(batch * batch, dtype=torch.float64, device=rows.device)
+    for chunk in torch.arange(left.numel(), device=rows.device).split(max(1, CHUNK_NUMEL // rows.shape[1])):
+        u, v = left[chunk], right[chunk]
+        gram.index_add_(0, samples[u] * batch + samples[v], (rows[u] * rows[v]).sum(dim=1))
+    return gram.view(batch, batch)
 
 
 def _supported(layer: nn.Embedding) -> bool:
