@@ -70,11 +70,15 @@ class GradientBlock(ABC):
                    for g, v in zip(grads, values))
 
     def nonfinite_samples(self) -> Tensor:
-        """(B,) bool: samples with a NaN or Inf among their factors (so possibly in their gradients)."""
+        """(B,) bool: samples with a NaN or Inf among their factors (so possibly in their gradients).
+
+        One float64 sum per sample and factor (a NaN or Inf makes the sum NaN or Inf) instead of a test
+        of every entry; a float64 sum can overflow only for entries whose squares, in the Gram matrix, would.
+        """
         factors = [f for f in self.sample_factors() if f.is_floating_point()]
         bad = torch.zeros(factors[0].shape[0], dtype=torch.bool, device=factors[0].device)
         for factor in factors:
-            bad |= ~torch.isfinite(factor.reshape(factor.shape[0], -1)).all(dim=1)
+            bad |= ~torch.isfinite(factor.reshape(factor.shape[0], -1).sum(dim=1, dtype=torch.float64))
         return bad
 
     def sample_factors(self) -> tuple[Tensor, ...]:
@@ -95,8 +99,11 @@ class MaterializedBlock(GradientBlock):
 
     def gram(self) -> Tensor:
         batch = self.grads[0].shape[0]
-        flat = torch.cat([g.reshape(batch, -1) for g in self.grads], dim=1).to(torch.float64)
-        return flat @ flat.T
+        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.grads[0].device)
+        for grads in self.grads:  # one product per parameter: no concatenated copy
+            flat = grads.reshape(batch, -1).to(torch.float64)
+            gram += flat @ flat.T
+        return gram
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         return [torch.tensordot(coeffs.to(g.dtype), g, dims=1) for g in self.grads]
