@@ -141,9 +141,15 @@ class OuterProductBlock(GradientBlock):
         return ghost <= materialised
 
     def gram(self) -> Tensor:
+        return self.ghost_gram() if self.uses_ghost_form else self.materialised_gram()
+
+    def materialised_gram(self) -> Tensor:
+        """(B, B) float64 products of the per-sample gradients, formed in the factors' dtype."""
+        return MaterializedBlock(self.params, self._flat_per_sample()).gram()
+
+    def ghost_gram(self) -> Tensor:
+        """(B, B) float64 Σ_{t,s} (a_it·a_js)(b_it·b_js) (+ Σ_{t,s} b_it·b_js for the bias)."""
         batch, tokens, _ = self.activations.shape
-        if not self.uses_ghost_form:
-            return MaterializedBlock(self.params, self._flat_per_sample()).gram()
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
         grad_gram = grads @ grads.T
@@ -220,7 +226,7 @@ class OuterProductBlock(GradientBlock):
     def _flat_per_sample(self) -> list[Tensor]:
         """Σ_t b_t a_tᵀ flattened (B, d_out·d_in) and Σ_t b_t (B, d_out): the per-sample gradients of the units held."""
         batch = self.activations.shape[0]
-        grads = [torch.einsum("bto,bti->boi", self.backprops, self.activations).reshape(batch, -1)]
+        grads = [torch.bmm(self.backprops.transpose(1, 2), self.activations).reshape(batch, -1)]
         if self.bias is not None:
             grads.append(self.backprops.sum(dim=1))
         return grads
