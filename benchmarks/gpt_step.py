@@ -4,11 +4,12 @@
 
 Model (``sven.bench.gpt.TinyGPT``): token + position Embedding (vocabulary 64, width 64), two causal
 blocks (4 heads, feed-forward 256; ``nn.TransformerEncoderLayer`` or a hand-written Linear +
-nn.MultiheadAttention + LayerNorm block), final LayerNorm, untied LM head; P = 110,400. Loss: per-token
+nn.MultiheadAttention + LayerNorm block), final LayerNorm, LM head (untied, P = 110,400; ``--tied``: its
+weight is the token Embedding's, P = 106,304). Loss: per-token
 cross-entropy averaged per sample, on random tokens. Steps interleaved round-robin after warm-up, medians,
 process CPU time (``--clock cpu``) unless ``--clock wall``. The breakdown times, per layer, its share of
 the Gram matrix (``block.gram()``) and of the update (``block.weighted_sum(c)``), and the step's phases.
-Writes benchmarks/results/gpt_step_<block>_cpu.json.
+Writes benchmarks/results/gpt_step_<block>[_tied]_cpu.json.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--block", choices=["torch", "custom"], default="torch")
+    parser.add_argument("--tied", action="store_true", help="the LM head's weight is the token Embedding's")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {}
     for method in ("sgd", "sven"):
         torch.manual_seed(0)
-        models[method] = TinyGPT(context=args.tokens, block=args.block)
+        models[method] = TinyGPT(context=args.tokens, block=args.block, tied=args.tied)
     wrapped = SvenWrapper(models["sven"], per_sample_token_cross_entropy, engine="gram")
     steppers = {"sgd": sgd_stepper(models["sgd"], batch), "sven": sven_stepper(wrapped, batch)}
     for step in steppers.values():
@@ -118,12 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     timings = {method: summary(times) for method, times in samples.items()}
     parts = breakdown(wrapped, batch, args.steps, device)
     payload = {
-        "environment": environment(device), "clock": args.clock, "threads": args.threads, "block": args.block,
+        "environment": environment(device), "clock": args.clock, "threads": args.threads,
+        "block": args.block, "tied": args.tied,
         "batch_size": args.batch, "tokens": args.tokens, "params": sum(p.numel() for p in models["sgd"].parameters()),
         "plan": wrapped.engine_plan(), "timings": timings, "breakdown": parts,
         "ratios": {"sven/sgd": timings["sven"]["median_ms"] / timings["sgd"]["median_ms"]},
     }
-    write_json(args.out or RESULTS / f"gpt_step_{args.block}_cpu.json", payload)
+    write_json(args.out or RESULTS / f"gpt_step_{args.block}{'_tied' if args.tied else ''}_cpu.json", payload)
     for method, timing in timings.items():
         print(f"{method:>6}: median {timing['median_ms']:8.2f} ms (min {timing['min_ms']:.2f})")
     print(f"sven/sgd {payload['ratios']['sven/sgd']:.2f}")

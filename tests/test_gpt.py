@@ -1,5 +1,6 @@
-"""A small GPT (token + position Embedding, causal attention blocks, per-token cross-entropy averaged per
-sample) on the Gram engine against the dense float64 reference, and both Gram forms of the Embedding."""
+"""A small GPT (token + position Embedding, causal attention blocks, an untied or tied LM head, per-token
+cross-entropy averaged per sample) on the Gram engine against the dense float64 reference, and both Gram
+forms of the Embedding."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sven.bench.gpt import TinyGPT, per_sample_token_cross_entropy
 from sven.jacobian import GramEngine, ParamSpace
 from sven.jacobian.layers import embedding
 from sven.jacobian.layers.embedding import EmbeddingBlock
+from sven.jacobian.shared import SharedParameterBlock
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 
@@ -20,10 +22,10 @@ GRAM_TOLERANCE = 1e-10
 LR = 0.5
 
 
-def tiny_gpt(block: str, dtype: torch.dtype) -> tuple[TinyGPT, tuple[Tensor, Tensor]]:
+def tiny_gpt(block: str, dtype: torch.dtype, tied: bool = False) -> tuple[TinyGPT, tuple[Tensor, Tensor]]:
     """Vocabulary 7, context 5, width 8, two blocks; B = 6 sequences of 5 tokens and their next tokens."""
     torch.manual_seed(0)
-    model = TinyGPT(vocab=7, context=5, dim=8, heads=2, hidden=12, layers=2, block=block).to(dtype)
+    model = TinyGPT(vocab=7, context=5, dim=8, heads=2, hidden=12, layers=2, block=block, tied=tied).to(dtype)
     tokens = torch.randint(0, 7, (6, 6), generator=torch.Generator().manual_seed(1))
     return model, (tokens[:, :-1], tokens[:, 1:])
 
@@ -35,9 +37,10 @@ def embedding_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     return request.param
 
 
-@pytest.mark.parametrize("block", ["torch", "custom"])
-def test_gpt_operator_matches_the_dense_reference(block: str, embedding_form: str) -> None:
-    model, batch = tiny_gpt(block, torch.float64)
+@pytest.mark.parametrize("block, tied", [("torch", False), ("custom", False), ("torch", True)],
+                         ids=["torch", "custom", "torch_tied_head"])
+def test_gpt_operator_matches_the_dense_reference(block: str, tied: bool, embedding_form: str) -> None:
+    model, batch = tiny_gpt(block, torch.float64, tied)
     engine = GramEngine(model, ParamSpace.of_module(model))
     losses, _, operator = engine.compute(per_sample_token_cross_entropy, batch)
     residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_token_cross_entropy, batch)
@@ -46,12 +49,17 @@ def test_gpt_operator_matches_the_dense_reference(block: str, embedding_form: st
     assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
     coeffs = torch.randn(jacobian.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
+    assert relative_error(operator.dense(), jacobian) <= GRAM_TOLERANCE
+    vector = torch.randn(jacobian.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert relative_error(operator.matmul(vector), jacobian @ vector) <= GRAM_TOLERANCE
+    assert tied == any(isinstance(block, SharedParameterBlock) for block in operator.blocks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("block", ["torch", "custom"])
-def test_gpt_step_matches_the_reference(block: str, dtype: torch.dtype) -> None:
-    model, batch = tiny_gpt(block, dtype)
+@pytest.mark.parametrize("block, tied", [("torch", False), ("custom", False), ("custom", True)],
+                         ids=["torch", "custom", "custom_tied_head"])
+def test_gpt_step_matches_the_reference(block: str, tied: bool, dtype: torch.dtype) -> None:
+    model, batch = tiny_gpt(block, dtype, tied)
     residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_token_cross_entropy, batch)
     wrapped = SvenWrapper(model, per_sample_token_cross_entropy, engine="gram")
     optimizer = Sven(wrapped, lr=LR, k=64, rtol=1e-3, svd_mode="gram")

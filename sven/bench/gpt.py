@@ -30,11 +30,11 @@ class TinyGPT(nn.Module):
     """Tokens (B, T) → logits (B, T, vocab) through ``layers`` causal blocks of width ``dim``.
 
     ``block="torch"``: nn.TransformerEncoderLayer (norm_first, causal mask, dropout 0);
-    ``block="custom"``: ``CausalBlock``.
+    ``block="custom"``: ``CausalBlock``. ``tied``: the LM head's weight is the token Embedding's.
     """
 
     def __init__(self, vocab: int = 64, context: int = 32, dim: int = 64, heads: int = 4, hidden: int = 256,
-                 layers: int = 2, block: str = "torch") -> None:
+                 layers: int = 2, block: str = "torch", tied: bool = False) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(context, dim)
@@ -47,6 +47,8 @@ class TinyGPT(nn.Module):
             self.blocks = nn.ModuleList(CausalBlock(dim, heads, hidden) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
+        if tied:
+            self.head.weight = self.tokens.weight
 
     def forward(self, tokens: Tensor) -> Tensor:
         batch, length = tokens.shape
