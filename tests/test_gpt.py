@@ -70,8 +70,12 @@ def test_gpt_step_matches_the_reference(block: str, tied: bool, dtype: torch.dty
     assert relative_error(flat_parameters(model) - before, expected) <= STEP_TOLERANCE[dtype]
 
 
-def test_embedding_block_forms_give_the_gram_and_masked_gram(embedding_form: str) -> None:
+@pytest.mark.parametrize("chunk_numel", [1, 1 << 22], ids=["a_token_at_a_time", "one_chunk"])
+def test_embedding_block_forms_give_the_gram_masked_gram_and_dots(
+    embedding_form: str, chunk_numel: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Repeated tokens within and across samples; the masked Gram keeps a random half of the entries."""
+    monkeypatch.setattr(embedding, "CHUNK_NUMEL", chunk_numel)
     generator = torch.Generator().manual_seed(0)
     vocab, dim = 9, 3
     indices = torch.randint(0, vocab, (5, 7), generator=generator)
@@ -80,5 +84,8 @@ def test_embedding_block_forms_give_the_gram_and_masked_gram(embedding_form: str
     (grads,) = block.per_sample()
     flat = grads.reshape(5, -1)
     keep = torch.rand(vocab * dim, generator=generator) < 0.5
+    vectors = torch.randn(4, vocab, dim, dtype=torch.float64, generator=generator)
     assert relative_error(block.gram(), flat @ flat.T) <= 1e-14
     assert relative_error(block.masked_gram([keep]), flat[:, keep] @ flat[:, keep].T) <= 1e-14
+    assert relative_error(block.sample_dots_many([vectors]), flat @ vectors.reshape(4, -1).T) <= 1e-14
+    assert relative_error(block.sample_dots([vectors[0]]), flat @ vectors[0].reshape(-1)) <= 1e-14

@@ -69,6 +69,13 @@ class GradientBlock(ABC):
         return sum(g.reshape(batch, -1).to(torch.float64) @ v.reshape(-1).to(torch.float64)
                    for g, v in zip(grads, values))
 
+    def sample_dots_many(self, values: Sequence[Tensor]) -> Tensor:
+        """(B, K) float64: ⟨g_i, v_k⟩ for K vectors given as one tensor (K, *param.shape) per parameter.
+
+        This default takes one ``sample_dots`` per vector; blocks with a batched form override it.
+        """
+        return torch.stack([self.sample_dots([v[k] for v in values]) for k in range(values[0].shape[0])], dim=1)
+
     def nonfinite_samples(self) -> Tensor:
         """(B,) bool: samples with a NaN or Inf among their factors (so possibly in their gradients).
 

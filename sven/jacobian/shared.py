@@ -3,14 +3,13 @@
 For parts a, b with per-sample gradients g^a, g^b (zero on the parameters a part does not hold),
 the per-sample gradient is g = Σ_a g^a and ⟨g_i, g_j⟩ = Σ_a ⟨g^a_i, g^a_j⟩ + Σ_{a≠b} ⟨g^a_i, g^b_j⟩.
 Each part keeps its own (factored) Gram; a cross term C_ab[i, j] = ⟨g^a_i, g^b_j⟩ takes b's per-sample
-gradients of the shared parameters one sample at a time into a's ``sample_dots``.
+gradients of the shared parameters (B, *shape) into a's ``sample_dots_many``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from sven.jacobian.blocks import GradientBlock
@@ -23,19 +22,17 @@ class SharedParameterBlock(GradientBlock):
         self.parts = parts
         self.params = tuple({id(p): p for part in parts for p in part.params}.values())
 
-    def _values_for(self, part: GradientBlock, values: dict[int, Tensor]) -> list[Tensor]:
-        """``values`` (one tensor per parameter id) for ``part``'s parameters, zeros where absent."""
-        return [values[id(p)] if id(p) in values else torch.zeros_like(p) for p in part.params]
+    def _values_for(self, part: GradientBlock, values: dict[int, Tensor], leading: tuple[int, ...] = ()
+                    ) -> list[Tensor]:
+        """``values`` (one tensor (*leading, *shape) per parameter id) for ``part``'s parameters, zeros where absent."""
+        return [values[id(p)] if id(p) in values else p.new_zeros(*leading, *p.shape) for p in part.params]
 
     def _cross(self, left: GradientBlock, right: GradientBlock) -> Tensor:
         """(B, B) float64 ⟨g^left_i, g^right_j⟩ over their common parameters."""
         common = {id(p) for p in left.params} & {id(p) for p in right.params}
         grads = {id(p): g for p, g in zip(right.params, right.per_sample()) if id(p) in common}
         batch = next(iter(grads.values())).shape[0]
-        return torch.stack(
-            [left.sample_dots(self._values_for(left, {k: g[j] for k, g in grads.items()})) for j in range(batch)],
-            dim=1,
-        )
+        return left.sample_dots_many(self._values_for(left, grads, (batch,)))
 
     def gram(self) -> Tensor:
         gram = sum(part.gram() for part in self.parts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -64,12 +64,20 @@ class EmbeddingBlock(GradientBlock):
         counts = torch.bincount(columns)
         if PAIR_COST * int((counts * counts).sum()) < batch * batch * counts.numel():
             return _pair_gram(samples, columns, counts, rows, batch)
-        return _dense_gram(samples, columns, rows, batch, counts.numel())
+        return sum(dense @ dense.T for _, dense in _dense_chunks(samples, tokens, rows, batch))
 
     def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
         """Σ_t b_itᵀ V[idx_it] per sample."""
-        rows = values[0].to(self.backprops.dtype)[self.indices]
-        return (rows * self.backprops).sum(dim=(1, 2)).to(torch.float64)
+        return self.sample_dots_many([values[0][None]])[:, 0]
+
+    def sample_dots_many(self, values: Sequence[Tensor]) -> Tensor:
+        """Σ_t b_itᵀ V_k[idx_it] for V (K, vocab, dim): the dense per-sample gradients on the batch's tokens
+        against V's rows for them, a group of tokens at a time."""
+        batch = self.indices.shape[0]
+        dots = torch.zeros(batch, values[0].shape[0], dtype=torch.float64, device=self.indices.device)
+        for used, dense in _dense_chunks(*self._sample_token_rows(), batch):
+            dots += dense @ values[0][:, used].reshape(values[0].shape[0], -1).to(torch.float64).T
+        return dots
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         batch, tokens = self.indices.shape
@@ -102,19 +110,17 @@ class EmbeddingBlock(GradientBlock):
         return EmbeddingBlock(self.weight, indices, backprops)
 
 
-def _dense_gram(samples: Tensor, columns: Tensor, rows: Tensor, batch: int, width: int) -> Tensor:
-    """Σ over groups of token columns of D Dᵀ, D (B, group·dim) the per-sample gradients on those tokens;
-    ``columns`` (U,) numbers each pair's token among the ``width`` distinct ones."""
+def _dense_chunks(samples: Tensor, tokens: Tensor, rows: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """For groups of the batch's distinct tokens: (the group's tokens (w,), the per-sample gradients on them
+    (B, w·dim) float64), from the pairs' samples (U,), tokens (U,) and rows (U, dim); ≤ CHUNK_NUMEL entries each."""
+    used, columns = torch.unique(tokens, return_inverse=True)
     dim = rows.shape[1]
     group = max(1, CHUNK_NUMEL // (batch * dim))
-    gram = torch.zeros(batch, batch, dtype=torch.float64, device=rows.device)
-    for start in range(0, width, group):
+    for start in range(0, used.numel(), group):
         inside = (columns >= start) & (columns < start + group)
-        dense = torch.zeros(batch, min(group, width - start), dim, dtype=torch.float64, device=rows.device)
+        dense = torch.zeros(batch, min(group, used.numel() - start), dim, dtype=torch.float64, device=rows.device)
         dense[samples[inside], columns[inside] - start] = rows[inside]
-        flat = dense.view(batch, -1)
-        gram += flat @ flat.T
-    return gram
+        yield used[start:start + group], dense.view(batch, -1)
 
 
 def _pair_gram(samples: Tensor, columns: Tensor, counts: Tensor, rows: Tensor, batch: int) -> Tensor:
