@@ -12,7 +12,7 @@ from sven.jacobian.layers.registry import register_gram_rule
 
 PAIR_COST = 64
 """Measured cost of one multiply-add of the pair form (gathered rows) in units of one of the dense form's
-float64 matrix product (``docs/GRAM_ENGINE.md``, "nn.Embedding"); the cheaper form is taken."""
+float64 matrix product (``docs/GRAM_ENGINE.md``, "A small GPT"); the cheaper form is taken."""
 CHUNK_NUMEL = 1 << 22
 """Most float64 entries either form holds at once (dense columns, or gathered pair rows)."""
 
