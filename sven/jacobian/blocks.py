@@ -69,12 +69,23 @@ class GradientBlock(ABC):
         return sum(g.reshape(batch, -1).to(torch.float64) @ v.reshape(-1).to(torch.float64)
                    for g, v in zip(grads, values))
 
+    def sample_dots_many(self, values: Sequence[Tensor]) -> Tensor:
+        """(B, K) float64: ⟨g_i, v_k⟩ for K vectors given as one tensor (K, *param.shape) per parameter.
+
+        This default takes one ``sample_dots`` per vector; blocks with a batched form override it.
+        """
+        return torch.stack([self.sample_dots([v[k] for v in values]) for k in range(values[0].shape[0])], dim=1)
+
     def nonfinite_samples(self) -> Tensor:
-        """(B,) bool: samples with a NaN or Inf among their factors (so possibly in their gradients)."""
+        """(B,) bool: samples with a NaN or Inf among their factors (so possibly in their gradients).
+
+        One float64 sum per sample and factor (a NaN or Inf makes the sum NaN or Inf) instead of a test
+        of every entry; a float64 sum can overflow only for entries whose squares, in the Gram matrix, would.
+        """
         factors = [f for f in self.sample_factors() if f.is_floating_point()]
         bad = torch.zeros(factors[0].shape[0], dtype=torch.bool, device=factors[0].device)
         for factor in factors:
-            bad |= ~torch.isfinite(factor.reshape(factor.shape[0], -1)).all(dim=1)
+            bad |= ~torch.isfinite(factor.reshape(factor.shape[0], -1).sum(dim=1, dtype=torch.float64))
         return bad
 
     def sample_factors(self) -> tuple[Tensor, ...]:
@@ -95,8 +106,11 @@ class MaterializedBlock(GradientBlock):
 
     def gram(self) -> Tensor:
         batch = self.grads[0].shape[0]
-        flat = torch.cat([g.reshape(batch, -1) for g in self.grads], dim=1).to(torch.float64)
-        return flat @ flat.T
+        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.grads[0].device)
+        for grads in self.grads:  # one product per parameter: no concatenated copy
+            flat = grads.reshape(batch, -1).to(torch.float64)
+            gram += flat @ flat.T
+        return gram
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         return [torch.tensordot(coeffs.to(g.dtype), g, dims=1) for g in self.grads]
@@ -134,9 +148,15 @@ class OuterProductBlock(GradientBlock):
         return ghost <= materialised
 
     def gram(self) -> Tensor:
+        return self.ghost_gram() if self.uses_ghost_form else self.materialised_gram()
+
+    def materialised_gram(self) -> Tensor:
+        """(B, B) float64 products of the per-sample gradients, formed in the factors' dtype."""
+        return MaterializedBlock(self.params, self._flat_per_sample()).gram()
+
+    def ghost_gram(self) -> Tensor:
+        """(B, B) float64 Σ_{t,s} (a_it·a_js)(b_it·b_js) (+ Σ_{t,s} b_it·b_js for the bias)."""
         batch, tokens, _ = self.activations.shape
-        if not self.uses_ghost_form:
-            return MaterializedBlock(self.params, self._flat_per_sample()).gram()
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
         grad_gram = grads @ grads.T
@@ -213,7 +233,7 @@ class OuterProductBlock(GradientBlock):
     def _flat_per_sample(self) -> list[Tensor]:
         """Σ_t b_t a_tᵀ flattened (B, d_out·d_in) and Σ_t b_t (B, d_out): the per-sample gradients of the units held."""
         batch = self.activations.shape[0]
-        grads = [torch.einsum("bto,bti->boi", self.backprops, self.activations).reshape(batch, -1)]
+        grads = [torch.bmm(self.backprops.transpose(1, 2), self.activations).reshape(batch, -1)]
         if self.bias is not None:
             grads.append(self.backprops.sum(dim=1))
         return grads

@@ -29,6 +29,7 @@ from sven.jacobian.layers import children_batch_dim, rule_for
 from sven.jacobian.layers.registry import GramRule
 from sven.jacobian.operator import JacobianOperator
 from sven.jacobian.params import ParamSpace
+from sven.jacobian.shared import merge_shared
 
 
 @dataclass
@@ -208,7 +209,7 @@ class GramEngine:
             grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True) if wanted else ()
         _check_side_outputs_unused([layer for layer, _ in side], grads[len(probes):len(probes) + len(side)])
         _check_uncalled_layers_unused(uncalled, grads[len(probes) + len(side):])
-        blocks = self._layer_blocks(iter(grads[: len(probes)]))
+        blocks = merge_shared(self._layer_blocks(iter(grads[: len(probes)])))
         if self.fallback_names:
             blocks.append(self._fallback_block(loss_fn, batch))
         zero_params = tuple(p for layer in uncalled for p in layer.params)

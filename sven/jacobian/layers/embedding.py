@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,13 +10,22 @@ from torch import Tensor, nn
 from sven.jacobian.blocks import GradientBlock
 from sven.jacobian.layers.registry import register_gram_rule
 
+PAIR_COST = 64
+"""Measured cost of one multiply-add of the pair form (gathered rows) in units of one of the dense form's
+float64 matrix product (``docs/GRAM_ENGINE.md``, "A small GPT"); the cheaper form is taken."""
+CHUNK_NUMEL = 1 << 22
+"""Most float64 entries either form holds at once (dense columns, or gathered pair rows)."""
+
 
 class EmbeddingBlock(GradientBlock):
     """g_i = Σ_t e_{idx_it} b_itᵀ for token indices (B, T) and backprops (B, T, dim).
 
-    The Gram matrix is S Sᵀ for the sparse (B, V·dim) matrix S whose row i holds
-    sample i's gradient rows, aggregated over repeated tokens: memory grows with
-    the number of distinct (sample, token) pairs, never with B·V·dim.
+    The Gram matrix comes from the U distinct (sample, token) pairs and their summed backprops
+    r_u (U, dim): ⟨g_i, g_j⟩ = Σ over pairs u of i, v of j with the same token of r_u·r_v. It takes the
+    cheaper of two exact forms for the W distinct tokens of the batch, token v in n_v samples:
+    the dense per-sample gradients restricted to those tokens (B, W·dim) and their matrix product,
+    cost B²·W·dim, or the dot products of the Σ_v n_v² pairs sharing a token, cost Σ_v n_v²·dim at
+    ``PAIR_COST`` times the price (gathers). Memory stays within ``CHUNK_NUMEL``, never B·V·dim.
     """
 
     def __init__(self, weight: Tensor, indices: Tensor, backprops: Tensor) -> None:
@@ -32,7 +41,7 @@ class EmbeddingBlock(GradientBlock):
         return samples * self.weight.shape[0] + self.indices.reshape(-1)
 
     def _sample_token_rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(sample, token, summed backprop (U, dim)) for the U distinct (sample, token) pairs."""
+        """(sample, token, summed backprop (U, dim) float64) for the U distinct (sample, token) pairs."""
         batch, tokens = self.indices.shape
         vocab = self.weight.shape[0]
         codes, inverse = torch.unique(self._sample_token_codes(), return_inverse=True)
@@ -40,33 +49,35 @@ class EmbeddingBlock(GradientBlock):
         rows.index_add_(0, inverse, self.backprops.reshape(batch * tokens, -1).to(torch.float64))
         return codes // vocab, codes % vocab, rows
 
-    def _sparse_gradients(self) -> Tensor:
-        """The per-sample gradients as a coalesced sparse (B, V·dim) float64 matrix."""
-        batch = self.indices.shape[0]
-        vocab, dim = self.weight.shape
-        samples, tokens, rows = self._sample_token_rows()
-        columns = (tokens[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
-        return torch.sparse_coo_tensor(
-            torch.stack([samples.repeat_interleave(dim), columns]), rows.reshape(-1), (batch, vocab * dim),
-            check_invariants=False,
-        ).coalesce()
-
     def gram(self) -> Tensor:
-        sparse = self._sparse_gradients()
-        return torch.sparse.mm(sparse, sparse.t()).to_dense()
+        return self._gram(*self._sample_token_rows())
 
     def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
-        """The sparse product over the nonzero entries whose column is kept."""
-        sparse = self._sparse_gradients()
-        kept = keep[0][sparse.indices()[1]]
-        masked = torch.sparse_coo_tensor(sparse.indices()[:, kept], sparse.values()[kept], sparse.shape,
-                                         check_invariants=False).coalesce()
-        return torch.sparse.mm(masked, masked.t()).to_dense()
+        """The Gram of the pair rows with the entries of unkept columns set to zero."""
+        samples, tokens, rows = self._sample_token_rows()
+        return self._gram(samples, tokens, rows * keep[0].view(self.weight.shape)[tokens])
+
+    def _gram(self, samples: Tensor, tokens: Tensor, rows: Tensor) -> Tensor:
+        """(B, B) float64 from the pairs' samples (U,), tokens (U,) and rows (U, dim), by the cheaper form."""
+        batch = self.indices.shape[0]
+        columns = torch.unique(tokens, return_inverse=True)[1]
+        counts = torch.bincount(columns)
+        if PAIR_COST * int((counts * counts).sum()) < batch * batch * counts.numel():
+            return _pair_gram(samples, columns, counts, rows, batch)
+        return sum(dense @ dense.T for _, dense in _dense_chunks(samples, tokens, rows, batch))
 
     def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
         """Σ_t b_itᵀ V[idx_it] per sample."""
-        rows = values[0].to(self.backprops.dtype)[self.indices]
-        return (rows * self.backprops).sum(dim=(1, 2)).to(torch.float64)
+        return self.sample_dots_many([values[0][None]])[:, 0]
+
+    def sample_dots_many(self, values: Sequence[Tensor]) -> Tensor:
+        """Σ_t b_itᵀ V_k[idx_it] for V (K, vocab, dim): the dense per-sample gradients on the batch's tokens
+        against V's rows for them, a group of tokens at a time."""
+        batch = self.indices.shape[0]
+        dots = torch.zeros(batch, values[0].shape[0], dtype=torch.float64, device=self.indices.device)
+        for used, dense in _dense_chunks(*self._sample_token_rows(), batch):
+            dots += dense @ values[0][:, used].reshape(values[0].shape[0], -1).to(torch.float64).T
+        return dots
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         batch, tokens = self.indices.shape
@@ -97,6 +108,36 @@ class EmbeddingBlock(GradientBlock):
     def with_sample_factors(self, factors: Sequence[Tensor]) -> GradientBlock:
         indices, backprops = factors
         return EmbeddingBlock(self.weight, indices, backprops)
+
+
+def _dense_chunks(samples: Tensor, tokens: Tensor, rows: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """For groups of the batch's distinct tokens: (the group's tokens (w,), the per-sample gradients on them
+    (B, w·dim) float64), from the pairs' samples (U,), tokens (U,) and rows (U, dim); ≤ CHUNK_NUMEL entries each."""
+    used, columns = torch.unique(tokens, return_inverse=True)
+    dim = rows.shape[1]
+    group = max(1, CHUNK_NUMEL // (batch * dim))
+    for start in range(0, used.numel(), group):
+        inside = (columns >= start) & (columns < start + group)
+        dense = torch.zeros(batch, min(group, used.numel() - start), dim, dtype=torch.float64, device=rows.device)
+        dense[samples[inside], columns[inside] - start] = rows[inside]
+        yield used[start:start + group], dense.view(batch, -1)
+
+
+def _pair_gram(samples: Tensor, columns: Tensor, counts: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """Σ of r_u·r_v into entry (sample_u, sample_v) over every ordered pair (u, v) of rows of one token;
+    ``counts`` (W,) the rows per distinct token."""
+    order = torch.argsort(columns, stable=True)
+    sizes = counts[columns[order]]  # of each sorted row's token group
+    group_starts = (torch.cumsum(counts, 0) - counts)[columns[order]]
+    left = torch.repeat_interleave(torch.arange(order.numel(), device=rows.device), sizes)
+    within = torch.arange(left.numel(), device=rows.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes,
+                                                                                       sizes)
+    left, right = order[left], order[group_starts[left] + within]
+    gram = torch.zeros(batch * batch, dtype=torch.float64, device=rows.device)
+    for chunk in torch.arange(left.numel(), device=rows.device).split(max(1, CHUNK_NUMEL // rows.shape[1])):
+        u, v = left[chunk], right[chunk]
+        gram.index_add_(0, samples[u] * batch + samples[v], (rows[u] * rows[v]).sum(dim=1))
+    return gram.view(batch, batch)
 
 
 def _supported(layer: nn.Embedding) -> bool:
