@@ -29,6 +29,13 @@ def run_cli(*args: str) -> None:
     main([*args, "--no-progress"])
 
 
+def render_report(results: Path, tmp_path: Path) -> str:
+    """Run ``report`` on a results folder; return the page it wrote (figures under tmp_path/figures)."""
+    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
+          "--page", str(tmp_path / "RESULTS.md")])
+    return (tmp_path / "RESULTS.md").read_text()
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_every_optimizer_runs_one_short_epoch_and_writes_json_and_png(task: str, tmp_path: Path) -> None:
     run_cli(task, "--optimizers", ",".join(OPTIMIZER_NAMES), "--epochs", "1", "--subset", "64",
@@ -141,9 +148,7 @@ def test_studies_write_json_png_and_the_report_links_them(study: str, tmp_path: 
             assert len(spectra) == 2 and all(s == sorted(s, reverse=True) and len(s) <= 32 for s in spectra)
     else:
         assert {run["settings"][study] for run in payload["runs"]} == set(sweep_values(study, 32))
-    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
-          "--page", str(tmp_path / "RESULTS.md")])
-    page = (tmp_path / "RESULTS.md").read_text()
+    page = render_report(results, tmp_path)
     assert f"![{task}-{study}](figures/{task}-{study}.png)" in page
     assert (tmp_path / "figures" / f"{task}-{study}.png").is_file()
     assert payload["command"] in page
@@ -176,9 +181,7 @@ def test_set_overrides_defaults_in_its_own_file_and_the_claims_count_it(tmp_path
     payload = read_json(results / "toy1d-compare-lr=0.05-rtol=0.01.json")
     assert payload["runs"][0]["settings"] == {"lr": 0.05, "k": 16, "rtol": 0.01}
     assert payload["runs"][0]["label"] == "sven lr=0.05 rtol=0.01"
-    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
-          "--page", str(tmp_path / "RESULTS.md")])
-    page = (tmp_path / "RESULTS.md").read_text()
+    page = render_report(results, tmp_path)
     assert "  - `sven` over 1 seed(s)" in page and "  - `sven lr=0.05 rtol=0.01` over 1 seed(s)" in page
     assert (tmp_path / "figures" / "toy1d-compare-lr=0.05-rtol=0.01.png").is_file()
 
@@ -249,9 +252,7 @@ def test_report_renders_the_lm_table_and_the_computed_bar(sven_seconds: float, t
     results = tmp_path / "results"
     results.mkdir()
     (results / "toy1d-lm.json").write_text(json.dumps(synthetic_lm_payload(sven_seconds)))
-    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
-          "--page", str(tmp_path / "RESULTS.md")])
-    page = (tmp_path / "RESULTS.md").read_text()
+    page = render_report(results, tmp_path)
     assert "| sven-gn-damped |  | 2.000e-07 ± 1.4e-07 | 3.000e-07 ± 1.4e-07 | " in page
     assert "| lm |  | 3.000e-07 ± 1.4e-07 | 3.500e-07 ± 7.1e-08 | 0.900 ± 0.000 | 0/2 |" in page
     assert "1.5/1.25/1.0 at the start, 2.0/1.5/1.0 at the end" in page
@@ -338,9 +339,7 @@ def test_report_renders_the_demo_table_and_the_time_to_target_section(tmp_path: 
                               for seed, loss in ((0, 0.001), (1, 0.02)))]}
     for payload in (compare, demo):
         (results / f"{payload['name']}.json").write_text(json.dumps(payload))
-    main(["report", "--results", str(results), "--figures", str(tmp_path / "figures"),
-          "--page", str(tmp_path / "RESULTS.md")])
-    page = (tmp_path / "RESULTS.md").read_text()
+    page = render_report(results, tmp_path)
     assert "| sven |  | 1.0e-03 | 2.0e-02 | 1/2 | 2 |" in page
     assert "| sven-gn-damped |  | 3.00 | 1.50 (2/2) | 3.00 (2/2) |" in page
     assert "| adam |  | 2.00 | 2.00 (2/2) | never (0/2) |" in page
