@@ -230,7 +230,7 @@ class Sven(torch.optim.Optimizer):
             "rank_kept": outcome.spectrum.rank_kept,
             "step_norm": 0.0 if outcome.update is None else candidates.step_norm(outcome.update),
             "mean_loss": mean_loss, "solve_time": solve_time, "step_time": time.perf_counter() - started,
-            **outcome.report,
+            **outcome.report, **outcome.spectrum.diagnostics,
         }, outcome.spectrum)
         if self.track_svd_info:
             self.svd_history.append(history_entry(self.step_count, outcome.spectrum))
