@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LR, Case, flat_parameters, make_batch, make_mlp, per_sample_mse
+from conftest import LR, STEP_TOLERANCE, Case, flat_parameters, make_batch, make_mlp, per_sample_mse
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 
 from sven.jacobian.blocks import OuterProductBlock
@@ -32,9 +32,10 @@ def filter_condition(jacobian: torch.Tensor, damping: float) -> float:
     return float(weights.max() / weights.min())
 
 
-def cg_step(wrapper: dict, **options) -> tuple[torch.Tensor, torch.Tensor, Sven, float]:
-    """(Sven's step, the reference step, the optimizer, ``filter_condition``) on ``CASE``, float64, λ, k = rows."""
-    model, batch = CASE.model_and_batch(torch.float64)
+def cg_step(wrapper: dict, dtype: torch.dtype = torch.float64, **options
+            ) -> tuple[torch.Tensor, torch.Tensor, Sven, float]:
+    """(Sven's step, the reference step, the optimizer, ``filter_condition``) on ``CASE`` with λ and k = rows."""
+    model, batch = CASE.model_and_batch(dtype)
     residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch, **wrapper)
     expected = -LR * reference_direction(jacobian, residuals, CASE.batch_size, 0.0, DAMPING)
     wrapped = SvenWrapper(model, per_sample_mse, engine="gram", **wrapper)
@@ -61,6 +62,15 @@ def test_cg_route_matches_the_dense_reference(single_thread, monkeypatch, wrappe
     error = relative_error(step, expected)
     assert error <= condition * report["normal_equation_residual"] + ROUNDING
     assert error <= 1e-8
+
+
+def test_cg_route_in_float32(single_thread, monkeypatch) -> None:
+    """A float32 model: the sketch in float32, CG on float64 products of the float32 factors (residual ≤ 1e-8);
+    the step within ``STEP_TOLERANCE`` of the float64 reference, as every float32 route."""
+    monkeypatch.setattr(matrix_free, "PRECONDITIONER_RANK", 4)
+    step, expected, optimizer, _ = cg_step({}, torch.float32, svd_mode="cg", gram_memory=0)
+    assert optimizer.last_step["normal_equation_residual"] <= RESIDUAL_TOLERANCE
+    assert relative_error(step, expected) <= STEP_TOLERANCE[torch.float32]
 
 
 def test_auto_goes_matrix_free_past_the_memory_budget(single_thread) -> None:

@@ -54,14 +54,14 @@ class GradientBlock(ABC):
         """
         out += self.gram()
 
-    def gram_matmul(self, coeffs: Tensor) -> Tensor:
+    def gram_matmul(self, coeffs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         """Σ_j ⟨g_i, g_j⟩ coeffs_j for coeffs (B,) or (B, m): (B,) or (B, m) float64, never forming the Gram share.
 
-        This default is ``sample_dots(weighted_sum(c))`` per column, in the parameters' dtype; factored blocks
-        override it with float64 products of their factors.
+        Factored blocks multiply their factors in ``dtype``; this default is ``sample_dots(weighted_sum(c))``
+        per column, in the parameters' dtype.
         """
         if coeffs.dim() == 2:
-            return torch.stack([self.gram_matmul(column) for column in coeffs.T], dim=1)
+            return torch.stack([self.gram_matmul(column, dtype) for column in coeffs.T], dim=1)
         return self.sample_dots(self.weighted_sum(coeffs))
 
     def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
@@ -115,17 +115,17 @@ class MaterializedBlock(GradientBlock):
         self.params = params
         self.grads = grads
 
-    def _flat64(self) -> Tensor:
+    def _flat(self, dtype: torch.dtype = torch.float64) -> Tensor:
         batch = self.grads[0].shape[0]
-        return torch.cat([g.reshape(batch, -1) for g in self.grads], dim=1).to(torch.float64)
+        return torch.cat([g.reshape(batch, -1) for g in self.grads], dim=1).to(dtype)
 
     def gram(self) -> Tensor:
-        flat = self._flat64()
+        flat = self._flat()
         return flat @ flat.T
 
-    def gram_matmul(self, coeffs: Tensor) -> Tensor:
-        flat = self._flat64()
-        return flat @ (flat.T @ coeffs.to(torch.float64))
+    def gram_matmul(self, coeffs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        flat = self._flat(dtype)
+        return (flat @ (flat.T @ coeffs.to(dtype))).to(torch.float64)
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         return [torch.tensordot(coeffs.to(g.dtype), g, dims=1) for g in self.grads]
@@ -192,19 +192,19 @@ class OuterProductBlock(GradientBlock):
             rows = slice(start, min(start + rows_per_block, batch))
             out[rows] += self.gram_rows(rows)
 
-    def gram_matmul(self, coeffs: Tensor) -> Tensor:
-        """M_b (M_bᵀ U) in float64 from the factors, ``GRAM_MATMUL_CHUNK`` elements of (B·T, m·d_out) at a time.
+    def gram_matmul(self, coeffs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """M_b (M_bᵀ U) from the factors in ``dtype``, ``GRAM_MATMUL_CHUNK`` elements of (B·T, m·d_out) at a time.
 
         Mᵀ U is W_k = Σ_{i,t} U_ik b_it a_itᵀ (d_out, d_in) per column k, one GEMM for a group of columns;
         row i of M W_k is Σ_t b_itᵀ W_k a_it (+ the bias part s_i·(sᵀ U), s_i = Σ_t b_it).
         """
         if coeffs.dim() == 1:
-            return self.gram_matmul(coeffs.unsqueeze(1)).squeeze(1)
+            return self.gram_matmul(coeffs.unsqueeze(1), dtype).squeeze(1)
         batch, tokens, d_in = self.activations.shape
         d_out = self.backprops.shape[-1]
-        acts = self.activations.reshape(batch * tokens, d_in).to(torch.float64)
-        grads = self.backprops.to(torch.float64)
-        coeffs = coeffs.to(torch.float64)
+        acts = self.activations.reshape(batch * tokens, d_in).to(dtype)
+        grads = self.backprops.to(dtype)
+        coeffs = coeffs.to(dtype)
         group = max(1, GRAM_MATMUL_CHUNK // (batch * tokens * d_out))
         products = []
         for start in range(0, coeffs.shape[1], group):
@@ -218,7 +218,7 @@ class OuterProductBlock(GradientBlock):
         if self.bias is not None:
             sums = grads.sum(dim=1)
             product = product + sums @ (sums.T @ coeffs)
-        return product
+        return product.to(torch.float64)
 
     def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
         """Σ_t b_tᵀ V a_t (+ Σ_t b_t·v_bias) per sample, from the factors."""

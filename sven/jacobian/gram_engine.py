@@ -80,11 +80,11 @@ class GramJacobian(JacobianOperator):
             block.add_gram(gram, max(1, GRAM_ROW_BLOCK_ELEMENTS // batch))
         return gram
 
-    def gram_matmul(self, u: Tensor) -> Tensor:
-        """M (Mᵀ u) in float64 as Σ of the blocks' ``gram_matmul``: no (B, B) and no (B, P) tensor."""
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """M (Mᵀ u), float64, as Σ of the blocks' ``gram_matmul`` in ``dtype``: no (B, B) and no (B, P) tensor."""
         product = torch.zeros(u.shape, dtype=torch.float64, device=self.device)
         for block in self.blocks:
-            product += block.gram_matmul(u)
+            product += block.gram_matmul(u, dtype)
         return product
 
     def _assemble(self, per_block: list[list[Tensor]], leading: tuple[int, ...]) -> Tensor:

@@ -52,10 +52,11 @@ class JacobianOperator(ABC):
     def dense(self) -> Tensor:
         """M itself, shape (rows, cols), in the operator's dtype (may materialise it)."""
 
-    def gram_matmul(self, u: Tensor) -> Tensor:
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         """M Mᵀ u for u (rows,) or (rows, m), float64, without forming M Mᵀ.
 
-        This default is ``matmul(rmatmul(u))`` in the operator's dtype; factored operators compute it in float64.
+        Factored operators multiply in ``dtype`` (the operator's own dtype is cheaper, float64 exact to ε);
+        this default is ``matmul(rmatmul(u))`` in the operator's dtype.
         """
         return self.matmul(self.rmatmul(u)).to(torch.float64)
 
@@ -96,9 +97,9 @@ class DenseJacobian(JacobianOperator):
     def rmatmul(self, u: Tensor) -> Tensor:
         return self.matrix.T @ u.to(self.dtype)
 
-    def gram_matmul(self, u: Tensor) -> Tensor:
-        m64 = self.matrix.to(torch.float64)
-        return m64 @ (m64.T @ u.to(torch.float64))
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        matrix = self.matrix.to(dtype)
+        return (matrix @ (matrix.T @ u.to(dtype))).to(torch.float64)
 
     def matmul(self, v: Tensor) -> Tensor:
         return self.matrix @ v.to(self.dtype)
@@ -159,9 +160,9 @@ class RowTransformedJacobian(JacobianOperator):
     def matmul(self, v: Tensor) -> Tensor:
         return self._left(self.base.matmul(v)).to(self.dtype)
 
-    def gram_matmul(self, u: Tensor) -> Tensor:
-        """R (G_base (Rᵀ u)), float64."""
-        return self._left(self.base.gram_matmul(self._left_transposed(u)))
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """R (G_base (Rᵀ u)), float64; the base's products in ``dtype``."""
+        return self._left(self.base.gram_matmul(self._left_transposed(u), dtype))
 
     def _left_transposed(self, values: Tensor) -> Tensor:
         """Rᵀ · values for values (rows_out,) or (rows_out, m), float64."""

@@ -104,12 +104,14 @@ def nystrom_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torc
     return nystrom_from_sketch(omega, matrix @ omega)
 
 
-def nystrom_from_sketch(omega: Tensor, sketch: Tensor) -> tuple[Tensor, Tensor]:
+def nystrom_from_sketch(omega: Tensor, sketch: Tensor, roundoff: float | None = None) -> tuple[Tensor, Tensor]:
     """Eigenpairs (l,), (n, l) of the Nyström approximation Y (Ωᵀ Y)⁺ Yᵀ from an orthonormal Ω (n, l) and Y = S Ω.
 
-    The stable form of Tropp et al. (2017), see ``nystrom_eigh``; eigenvalues ascending.
+    The stable form of Tropp et al. (2017), see ``nystrom_eigh``; eigenvalues ascending. ``roundoff``: the
+    unit roundoff the sketch was computed in (default: its dtype's), which sets the shift ν.
     """
-    shift = omega.shape[0] * float(torch.finfo(sketch.dtype).eps) * float(torch.linalg.matrix_norm(sketch))
+    roundoff = float(torch.finfo(sketch.dtype).eps) if roundoff is None else roundoff
+    shift = omega.shape[0] * roundoff * float(torch.linalg.matrix_norm(sketch))
     shifted = sketch + shift * omega
     core = omega.T @ shifted
     factor = torch.linalg.cholesky((core + core.T) / 2)

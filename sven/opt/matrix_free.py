@@ -110,13 +110,18 @@ class NormalEquationSpectrum(Spectrum):
 
     @cached_property
     def nystrom(self) -> NystromPreconditioner:
-        """The rank-l Nyström approximation of G from the sketch G Ω (Ω orthonormal Gaussian, a fixed seed)."""
+        """The rank-l Nyström approximation of G from the sketch G Ω (Ω orthonormal Gaussian, a fixed seed).
+
+        Matrix-free, the sketch's products run in the operator's dtype: a preconditioner needs no more.
+        """
         width = min(self.rows, PRECONDITIONER_RANK)
         generator = torch.Generator(device=self.op.device).manual_seed(START_SEED)
         gaussian = torch.randn(self.rows, width, dtype=torch.float64, device=self.op.device, generator=generator)
         omega = torch.linalg.qr(gaussian).Q
-        sketch = self.op.gram() @ omega if self.route == "cholesky" else self.op.gram_matmul(omega)
-        return NystromPreconditioner(*nystrom_from_sketch(omega, sketch))
+        if self.route == "cholesky":
+            return NystromPreconditioner(*nystrom_from_sketch(omega, self.op.gram() @ omega))
+        sketch = self.op.gram_matmul(omega, self.op.dtype)
+        return NystromPreconditioner(*nystrom_from_sketch(omega, sketch, float(torch.finfo(self.op.dtype).eps)))
 
     @property
     def sigma_all(self) -> Tensor:
