@@ -152,6 +152,7 @@ class OuterProductBlock(GradientBlock):
         self.params = (weight,) if bias is None else (weight, bias)
         self.activations = activations
         self.backprops = backprops
+        self._cast_factors: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     @property
     def uses_ghost_form(self) -> bool:
@@ -182,6 +183,14 @@ class OuterProductBlock(GradientBlock):
             gram = gram.view(-1, tokens, batch, tokens).sum(dim=(1, 3))
         return gram
 
+    def _factors_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Activations (B·T, d_in) and backprops (B, T, d_out) in ``dtype``, cast once: CG multiplies by them
+        at every iteration (one copy of the factors per dtype, O(activations) memory)."""
+        if dtype not in self._cast_factors:
+            self._cast_factors[dtype] = (self.activations.reshape(-1, self.activations.shape[-1]).to(dtype),
+                                         self.backprops.to(dtype))
+        return self._cast_factors[dtype]
+
     def add_gram(self, out: Tensor, rows_per_block: int) -> None:
         """``gram_rows`` a block of ``rows_per_block`` rows at a time: temporaries (rows_per_block·T, B·T)."""
         batch = out.shape[0]
@@ -202,8 +211,7 @@ class OuterProductBlock(GradientBlock):
             return self.gram_matmul(coeffs.unsqueeze(1), dtype).squeeze(1)
         batch, tokens, d_in = self.activations.shape
         d_out = self.backprops.shape[-1]
-        acts = self.activations.reshape(batch * tokens, d_in).to(dtype)
-        grads = self.backprops.to(dtype)
+        acts, grads = self._factors_in(dtype)
         coeffs = coeffs.to(dtype)
         group = max(1, GRAM_MATMUL_CHUNK // (batch * tokens * d_out))
         products = []
