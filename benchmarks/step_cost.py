@@ -26,9 +26,9 @@ rtol = 0 with damping, a tiny undamped rtol, rows > P), each interleaved with SG
 step on its model, with the route "auto" took and the peak memory.
 ``--large-batch`` instead takes Sven steps with damping 1e-3 and k = B on MLP 784-64-10 for
 B = 1024 … 16384 (``LARGE_BATCHES``), each B in a fresh process: "auto" (the Gram route while the Gram
-matrix and its factor fit in ``gram_memory``, 512 MiB; matrix-free "cg" past it) and the matrix-free route
-forced (gram_memory = 0) where auto does not take it; ms per step (median of ``--large-steps``), the ratio
-to an SGD step on the same batch, the normal-equation residual and the peak RSS growth
+matrix, its shifted copy and factor fit in ``gram_memory``, 512 MiB: B ≤ 4729; matrix-free "cg" past it) and
+the matrix-free route forced (gram_memory = 0) where auto does not take it; ms per step (median of
+``--large-steps``), the ratio to an SGD step on the same batch, the normal-equation residual and the peak RSS growth
 (``resource.getrusage`` high-water mark after the steps minus before them).
 Writes benchmarks/results/step_cost_<device>.json (step_cost_knobs_…, step_cost_large_batch_…) and prints a table.
 """

@@ -50,7 +50,7 @@ def cg_step(wrapper: dict, dtype: torch.dtype = torch.float64, **options
 @pytest.mark.parametrize("gram_memory, route", [(0, "pcg"), (2**20, "cholesky")])
 def test_cg_route_matches_the_dense_reference(single_thread, monkeypatch, wrapper: dict, gram_memory: int,
                                               route: str) -> None:
-    """A rank-4 preconditioner for 12 rows: CG has to iterate."""
+    """A rank-4 preconditioner for 12 rows: CG has to iterate. 2²⁰ bytes hold three 12 × 12 float64 matrices."""
     monkeypatch.setattr(matrix_free, "PRECONDITIONER_RANK", 4)
     step, expected, optimizer, condition = cg_step(wrapper, svd_mode="cg", gram_memory=gram_memory)
     report = optimizer.last_step
@@ -80,12 +80,12 @@ def test_auto_goes_matrix_free_past_the_memory_budget(single_thread) -> None:
 
 
 @pytest.mark.parametrize("damping, k, rows, budget, expected", [
-    (1e-3, 64, 12, 0, "cg"), (1e-3, 64, 12, 2 * 12 * 12 * 8, "gram"), (0.0, 64, 12, 0, "gram"),
+    (1e-3, 64, 12, 0, "cg"), (1e-3, 64, 12, 3 * 12 * 12 * 8, "gram"), (0.0, 64, 12, 0, "gram"),
     (1e-3, 8, 12, 0, "gram"), (1e-3, None, 12, 0, "cg"),
 ])
 def test_the_route_rule(damping: float, k: int | None, rows: int, budget: int, expected: str) -> None:
     """"cg" only for a damped step keeping every row whose Gram matrix and factor exceed the budget."""
-    assert gram_fits(rows, 2 * rows * rows * 8) and not gram_fits(rows, 2 * rows * rows * 8 - 1)
+    assert gram_fits(rows, 3 * rows * rows * 8) and not gram_fits(rows, 3 * rows * rows * 8 - 1)
     assert resolve_mode("auto", (rows, 50), 1e-3, damping, k, budget) == expected
 
 
@@ -160,3 +160,20 @@ def test_normal_equation_residual_at_4096_rows() -> None:
     report = optimizer.last_step
     assert report["svd_mode"] == "cg" and report["normal_equation_route"] == "pcg"
     assert report["normal_equation_residual"] <= RESIDUAL_TOLERANCE
+
+
+def test_a_failed_cholesky_hands_over_to_cg(single_thread) -> None:
+    """Undamped, rtol = 0, duplicated samples: G (12 × 12, rank 6) has no Cholesky factor; CG on the consistent
+    system G c = r still gives Mᵀ c = M⁺ r, the minimum-norm step."""
+    case = Case((3, 8, 2), 12, rtol=0.0, duplicated=True)
+    model, batch = case.model_and_batch(torch.float64)
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch)
+    expected = -LR * reference_direction(jacobian, residuals, case.batch_size, 0.0)
+    wrapped = SvenWrapper(model, per_sample_mse, engine="gram")
+    optimizer = Sven(wrapped, lr=LR, k=case.k, rtol=0.0, svd_mode="cg", gram_memory=2**20)
+    before = flat_parameters(model)
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    assert optimizer.last_step["normal_equation_route"] == "pcg"
+    assert optimizer.last_step["normal_equation_residual"] <= RESIDUAL_TOLERANCE
+    assert relative_error(flat_parameters(model) - before, expected) <= 1e-8

@@ -5,7 +5,7 @@ whenever no σ falls below rtol·σ_max. The route therefore refuses k < rows, a
 rtol > 0 (finding that cut needs the spectrum); a damped step ignores rtol (the filter bounds every
 direction's weight by 1/(2√λ)).
 
-- The (rows × rows) float64 Gram matrix G and its Cholesky factor fit in ``gram_memory`` (``gram_fits``):
+- Three (rows × rows) float64 matrices (G, G + λI, its Cholesky factor) fit in ``gram_memory`` (``gram_fits``):
   G is assembled in row blocks (``GramJacobian``), G + λI = L Lᵀ, one step of iterative refinement.
 - Otherwise conjugate gradients on G v = M (Mᵀ v) from the blocks' factors (``JacobianOperator.gram_matmul``,
   float64), preconditioned by a randomized Nyström approximation Ĝ = U Λ̂ Uᵀ of rank l built from one
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.eigen import START_SEED, SolverOptions, nystrom_from_sketch
-from sven.opt.spectrum import Spectrum
+from sven.opt.spectrum import FLOAT64_EPS, Spectrum
 
 CG_TOLERANCE = 1e-10
 """CG stops once its recursive residual is below this fraction of ‖r‖; the reported true residual stays below
@@ -40,8 +40,9 @@ PRECONDITIONER_RANK = 128
 
 
 def gram_fits(rows: int, gram_memory: int) -> bool:
-    """Whether the float64 Gram matrix (rows, rows) and its Cholesky factor fit in ``gram_memory`` bytes."""
-    return 2 * rows * rows * 8 <= gram_memory
+    """Whether three float64 (rows, rows) matrices fit in ``gram_memory`` bytes: G, G + λI (or the certificate's
+    G − τI) and its Cholesky factor."""
+    return 3 * rows * rows * 8 <= gram_memory
 
 
 def conjugate_gradients(apply: Callable[[Tensor], Tensor], rhs: Tensor, precondition: Callable[[Tensor], Tensor],
@@ -72,11 +73,16 @@ def conjugate_gradients(apply: Callable[[Tensor], Tensor], rhs: Tensor, precondi
 
 
 class NystromPreconditioner:
-    """P⁻¹ for G + λI from the rank-l Nyström approximation U Λ̂ Uᵀ of G: ``apply(v, λ)`` for v (n,)."""
+    """P⁻¹ for G + λI from the rank-l Nyström approximation U Λ̂ Uᵀ of G: ``apply(v, λ)`` for v (n,).
 
-    def __init__(self, values: Tensor, vectors: Tensor) -> None:
-        positive = values > 0
-        self.values, self.vectors = values[positive], vectors[:, positive]
+    Eigenvalues (l,) at or below the sketch's rounding level, 10·n·``roundoff``·λ̂_max, are dropped: as λ̂_l
+    they would make P⁻¹ G singular when λ = 0.
+    """
+
+    def __init__(self, values: Tensor, vectors: Tensor, roundoff: float) -> None:
+        level = 10 * vectors.shape[0] * roundoff * float(values.max()) if values.numel() else 0.0
+        resolved = values > level
+        self.values, self.vectors = values[resolved], vectors[:, resolved]
 
     def apply(self, v: Tensor, damping: float) -> Tensor:
         if not self.values.numel():
@@ -119,9 +125,10 @@ class NormalEquationSpectrum(Spectrum):
         gaussian = torch.randn(self.rows, width, dtype=torch.float64, device=self.op.device, generator=generator)
         omega = torch.linalg.qr(gaussian).Q
         if self.route == "cholesky":
-            return NystromPreconditioner(*nystrom_from_sketch(omega, self.op.gram() @ omega))
+            return NystromPreconditioner(*nystrom_from_sketch(omega, self.op.gram() @ omega), FLOAT64_EPS)
+        roundoff = float(torch.finfo(self.op.dtype).eps)
         sketch = self.op.gram_matmul(omega, self.op.dtype)
-        return NystromPreconditioner(*nystrom_from_sketch(omega, sketch, float(torch.finfo(self.op.dtype).eps)))
+        return NystromPreconditioner(*nystrom_from_sketch(omega, sketch, roundoff), roundoff)
 
     @property
     def sigma_all(self) -> Tensor:
@@ -145,11 +152,9 @@ class NormalEquationSpectrum(Spectrum):
 
     def solve(self, residuals: Tensor, damping: float = 0.0) -> Tensor:
         """c = (G + λI)⁻¹ r for r (rows,) float64; records the relative residual of the normal equations."""
+        factor = self._cholesky(damping) if self.route == "cholesky" else None
         apply = self._system(damping)
-        if self.route == "cholesky":
-            system = self.op.gram() + damping * torch.eye(self.rows, dtype=torch.float64, device=self.op.device)
-            factor = torch.linalg.cholesky(system)
-            del system
+        if factor is not None:
             solve = lambda v: torch.cholesky_solve(v.unsqueeze(1), factor).squeeze(1)  # noqa: E731
             solution = solve(residuals)
             solution = solution + solve(residuals - apply(solution))
@@ -164,6 +169,15 @@ class NormalEquationSpectrum(Spectrum):
                           f"residual of {relative:.2e} (> {RESIDUAL_TOLERANCE:g}) on the {self.route} route",
                           RuntimeWarning, stacklevel=2)
         return solution
+
+    def _cholesky(self, damping: float) -> Tensor | None:
+        """The Cholesky factor of G + λI (rows, rows); None, and the CG route from then on, when it fails."""
+        system = self.op.gram() + damping * torch.eye(self.rows, dtype=torch.float64, device=self.op.device)
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            return factor
+        self.route = "pcg"
+        return None
 
     def _system(self, damping: float) -> Callable[[Tensor], Tensor]:
         """v ↦ (G + λI) v, float64: with the assembled G on the Cholesky route, else from M's factors."""

@@ -74,7 +74,8 @@ class StepSettings(ParamGroupFields):
         rtol: relative cut on σ / σ_max (≥ 0).
         svd_mode: one of ``sven.opt.pinv.SVD_MODES``.
         oversampling, power_iterations: for the randomized modes (≥ 0).
-        gram_memory: bytes the (rows × rows) float64 Gram matrix and its Cholesky factor may take together;
+        gram_memory: bytes three (rows × rows) float64 matrices may take (the Gram matrix, its shifted copy, its
+            Cholesky factor);
             past it a damped full-rank step is solved matrix-free (``sven.opt.matrix_free``).
         damping: λ ≥ 0 (each kept σ filtered as σ/(σ² + λ)) or "adaptive".
         damping_init, damping_increase, damping_decrease, damping_min, damping_max, max_tries:

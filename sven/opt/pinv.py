@@ -152,7 +152,7 @@ def resolve_mode(mode: str, shape: tuple[int, int], rtol: float, damping: float 
     ``damping`` is the smallest λ the step may use (0: undamped), ``k`` the smallest rank limit
     (None: no limit; a rank search passes 1). With λ > 0 the filtered σ/(σ² + λ) is well conditioned
     at any rtol, so the squared-spectrum route "gram" (on the smaller side) is taken — unless rows ≤ cols,
-    k ≥ rows and the float64 Gram matrix and its factor exceed ``gram_memory`` bytes (``gram_fits``):
+    k ≥ rows and three float64 rows × rows matrices exceed ``gram_memory`` bytes (``gram_fits``):
     then "cg", the matrix-free uncut solve. Undamped, "gram" is taken when it ``resolves`` rtol
     (rtol ≥ 10·√(n·ε), n = min(rows, cols)), and "lq" below.
     """
