@@ -440,6 +440,7 @@ def run_knobs(device: torch.device, steps: int, warmup: int, out: Path) -> list[
 
 LARGE_BATCHES = (1024, 4096, 8192, 16384)
 LARGE_DAMPING = 1e-3
+SGD_STEPS = 50
 MATRIX_FREE = {"gram_memory": 0}
 
 
@@ -450,7 +451,7 @@ def large_batch_row(batch_size: int, options: dict[str, Any], steps: int, thread
     device = torch.device("cpu")
     config = Config("mlp_784-64-10", batch_size, mlp(784, 64, 10), (784,))
     sgd = make_stepper("sgd", config, device)
-    sgd_s = [timed(sgd, device) for _ in range(20)]
+    sgd_s = [timed(sgd, device) for _ in range(SGD_STEPS)]
     sven_step, sven = sven_stepper(config, device, "gram", dict(k=batch_size, damping=LARGE_DAMPING, **options))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sven_s = [timed(sven_step, device) for _ in range(steps)]
