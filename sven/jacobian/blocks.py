@@ -21,7 +21,7 @@ docs/GRAM_ENGINE.md).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -164,24 +164,31 @@ class OuterProductBlock(GradientBlock):
         return ghost <= materialised
 
     def gram(self) -> Tensor:
-        return self.gram_rows(slice(None))
+        return self._gram_rows()(slice(None))
 
-    def gram_rows(self, rows: slice) -> Tensor:
-        """Rows ``rows`` (n of them) of ``gram()``: (n, B) float64, with ghost temporaries of (n·T, B·T) only."""
+    def _gram_rows(self) -> Callable[[slice], Tensor]:
+        """rows ↦ those n rows of ``gram()``, (n, B) float64, with the float64 factors prepared once.
+
+        Ghost form: temporaries (n·T, B·T); materialised form: the per-sample gradients (B, d_out·d_in) once.
+        """
         batch, tokens, _ = self.activations.shape
         if not self.uses_ghost_form:
             flat = torch.cat(self._flat_per_sample(), dim=1).to(torch.float64)
-            return flat[rows] @ flat.T
+            return lambda rows: flat[rows] @ flat.T
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
-        chosen = slice(None) if rows == slice(None) else slice(rows.start * tokens, rows.stop * tokens)
-        grad_gram = grads[chosen] @ grads.T
-        gram = (acts[chosen] @ acts.T) * grad_gram
-        if self.bias is not None:
-            gram = gram + grad_gram
-        if tokens > 1:
-            gram = gram.view(-1, tokens, batch, tokens).sum(dim=(1, 3))
-        return gram
+
+        def rows_of(rows: slice) -> Tensor:
+            chosen = slice(None) if rows == slice(None) else slice(rows.start * tokens, rows.stop * tokens)
+            grad_gram = grads[chosen] @ grads.T
+            gram = (acts[chosen] @ acts.T) * grad_gram
+            if self.bias is not None:
+                gram = gram + grad_gram
+            if tokens > 1:
+                gram = gram.view(-1, tokens, batch, tokens).sum(dim=(1, 3))
+            return gram
+
+        return rows_of
 
     def _factors_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Activations (B·T, d_in) and backprops (B, T, d_out) in ``dtype``, cast once: CG multiplies by them
@@ -192,14 +199,15 @@ class OuterProductBlock(GradientBlock):
         return self._cast_factors[dtype]
 
     def add_gram(self, out: Tensor, rows_per_block: int) -> None:
-        """``gram_rows`` a block of ``rows_per_block`` rows at a time: temporaries (rows_per_block·T, B·T)."""
+        """``gram()`` a block of ``rows_per_block`` rows at a time: ghost temporaries (rows_per_block·T, B·T)."""
         batch = out.shape[0]
         if rows_per_block >= batch:
             out += self.gram()
             return
+        rows_of = self._gram_rows()
         for start in range(0, batch, rows_per_block):
             rows = slice(start, min(start + rows_per_block, batch))
-            out[rows] += self.gram_rows(rows)
+            out[rows] += rows_of(rows)
 
     def gram_matmul(self, coeffs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         """M_b (M_bᵀ U) from the factors in ``dtype``, ``GRAM_MATMUL_CHUNK`` elements of (B·T, m·d_out) at a time.
