@@ -177,3 +177,13 @@ def test_a_failed_cholesky_hands_over_to_cg(single_thread) -> None:
     assert optimizer.last_step["normal_equation_route"] == "pcg"
     assert optimizer.last_step["normal_equation_residual"] <= RESIDUAL_TOLERANCE
     assert relative_error(flat_parameters(model) - before, expected) <= 1e-8
+
+
+def test_a_state_dict_saved_before_gram_memory_loads() -> None:
+    wrapped = SvenWrapper(make_mlp([3, 8, 2]), per_sample_mse, engine="gram")
+    saved = Sven(wrapped).state_dict()
+    for group in saved["param_groups"]:
+        del group["gram_memory"]
+    optimizer = Sven(wrapped, gram_memory=1234)
+    optimizer.load_state_dict(saved)
+    assert optimizer.settings().gram_memory == 1234
