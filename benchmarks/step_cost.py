@@ -1,6 +1,6 @@
 """Cost of one training step: SGD, Sven on the Gram engine, and Sven on the reference SVD path.
 
-    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3] [--knobs]
+    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3] [--knobs | --large-batch]
 
 Methods (each on its own copy of the same model, random data, no download):
   sgd         forward + backward of the mean loss + torch.optim.SGD.step
@@ -24,7 +24,13 @@ The "breakdown" section times the phases of the Sven step separately (medians).
 ``--knobs`` instead times the settings of ``KNOBS`` (k < B, the randomized, scipy and lobpcg modes,
 rtol = 0 with damping, a tiny undamped rtol, rows > P), each interleaved with SGD and the default
 step on its model, with the route "auto" took and the peak memory.
-Writes benchmarks/results/step_cost_<device>.json and prints a table.
+``--large-batch`` instead takes Sven steps with damping 1e-3 and k = B on MLP 784-64-10 for
+B = 1024 … 16384 (``LARGE_BATCHES``), each B in a fresh process: "auto" (the Gram route while the Gram
+matrix, its shifted copy and factor fit in ``gram_memory``, 512 MiB: B ≤ 4729; matrix-free "cg" past it) and
+the matrix-free route forced (gram_memory = 0) where auto does not take it; ms per step (median of
+``--large-steps``), the ratio to an SGD step on the same batch, the normal-equation residual and the peak RSS growth
+(``resource.getrusage`` high-water mark after the steps minus before them).
+Writes benchmarks/results/step_cost_<device>.json (step_cost_knobs_…, step_cost_large_batch_…) and prints a table.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -430,6 +438,63 @@ def run_knobs(device: torch.device, steps: int, warmup: int, out: Path) -> list[
     return rows
 
 
+LARGE_BATCHES = (1024, 4096, 8192, 16384)
+LARGE_DAMPING = 1e-3
+SGD_STEPS = 50
+MATRIX_FREE = {"gram_memory": 0}
+
+
+def large_batch_row(batch_size: int, options: dict[str, Any], steps: int, threads: int | None) -> dict[str, Any]:
+    """One Sven configuration on MLP 784-64-10 at ``batch_size`` (run in a fresh process for its RSS peak)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    config = Config("mlp_784-64-10", batch_size, mlp(784, 64, 10), (784,))
+    sgd = make_stepper("sgd", config, device)
+    sgd_s = [timed(sgd, device) for _ in range(SGD_STEPS)]
+    sven_step, sven = sven_stepper(config, device, "gram", dict(k=batch_size, damping=LARGE_DAMPING, **options))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sven_s = [timed(sven_step, device) for _ in range(steps)]
+    growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    report = sven.last_step
+    return {"batch_size": batch_size, "options": options, "route": report["svd_mode"],
+            "solve": report.get("normal_equation_route", "eigh or certificate"),
+            "cg_iterations": report.get("cg_iterations"), "residual": report.get("normal_equation_residual"),
+            "sven_ms": summary(sven_s), "sgd_ms": summary(sgd_s),
+            "sven/sgd": statistics.median(sven_s) / statistics.median(sgd_s), "rss_growth_mb": growth_mb}
+
+
+def run_large_batches(batches: list[int], steps: int, threads: int | None, out: Path) -> list[dict[str, Any]]:
+    """``large_batch_row`` for "auto" at every batch size, and matrix-free where auto takes the Gram route."""
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for batch_size in batches:
+        for options in ({}, MATRIX_FREE):
+            if options and rows[-1]["route"] == "cg":
+                continue
+            with context.Pool(1) as pool:
+                rows.append(pool.apply(large_batch_row, (batch_size, options, steps, threads)))
+            print(large_batch_table(rows[-1:]).splitlines()[-1], flush=True)
+    write_json(out, {"environment": environment(torch.device("cpu")), "damping": LARGE_DAMPING, "steps": steps,
+                     "threads": threads, "rows": rows})
+    return rows
+
+
+def large_batch_table(rows: list[dict[str, Any]]) -> str:
+    """The large-batch results as a markdown table."""
+    lines = ["| B | gram_memory | route | solve | CG iterations | residual | Sven ms/step | SGD ms/step | Sven/SGD "
+             "| Sven/SGD (fastest steps) | peak RSS growth MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        budget = "0 (forced)" if row["options"] else "default"
+        residual = "-" if row["residual"] is None else f"{row['residual']:.1e}"
+        lines.append(f"| {row['batch_size']} | {budget} | {row['route']} | {row['solve']} "
+                     f"| {row['cg_iterations'] if row['cg_iterations'] is not None else '-'} | {residual} "
+                     f"| {row['sven_ms']['median_ms']:.0f} | {row['sgd_ms']['median_ms']:.1f} "
+                     f"| {row['sven/sgd']:.0f} | {row['sven_ms']['min_ms'] / row['sgd_ms']['min_ms']:.0f} "
+                     f"| {row['rss_growth_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -445,7 +510,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--knobs", action="store_true",
                         help="time the knobs (k < B, randomized/scipy/lobpcg modes, rtol = 0 with damping, "
                              "tiny rtol, rows > P) against SGD and the default step instead")
+    parser.add_argument("--large-batch", action="store_true",
+                        help="damped steps on MLP 784-64-10 at B = 1024 … 16384: auto and matrix-free (CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(LARGE_BATCHES),
+                        help="batch sizes of --large-batch")
+    parser.add_argument("--large-steps", type=int, default=2, help="timed Sven steps per row of --large-batch")
     args = parser.parse_args(argv)
+    if args.large_batch:
+        out = args.out or RESULTS / "step_cost_large_batch_cpu.json"
+        print(large_batch_table(run_large_batches(args.batches, args.large_steps, args.threads, out)))
+        print(f"\nwrote {out}")
+        return
     if args.steps < 20:
         parser.error(f"--steps must be >= 20 (medians of at least 20 steps); got {args.steps}")
     if args.threads is not None:

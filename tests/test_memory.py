@@ -5,7 +5,8 @@ returns (forward, autograd backward and the solver alike). On an MLP where B·P 
 larger than every activation and weight, ``loss_and_grad`` + ``step`` must stay below
 B·P / 4 — and the functorch engine, which materialises J, must trip the same detector.
 A module without a Gram rule (the functorch fallback) holds at most ``chunk_numel``
-per-sample gradient entries at once, never B × P_module.
+per-sample gradient entries at once, never B × P_module. The matrix-free route (svd_mode "cg" past
+``gram_memory``) allocates no B × B tensor either.
 """
 
 from __future__ import annotations
@@ -16,29 +17,55 @@ import pytest
 import torch
 from conftest import LargestAllocation, make_batch, make_mlp, per_sample_mse
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from sven.nn import SvenWrapper
-from sven.opt import Sven
+from sven.opt import Sven, matrix_free
 
 SIZES = [64, 256, 256, 8]
 BATCH = 32
+
+
+class SquareAllocation(LargestAllocation):
+    """Also records the ops that return a tensor with two dims of size ``rows`` (a rows × rows matrix)."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.rows = rows
+        self.square_ops: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and list(leaf.shape).count(self.rows) >= 2:
+                self.square_ops.add(str(func))
+        return out
+
+
+def recorded_step(engine: str, svd_mode: str, k: int, model: nn.Module | None = None,
+                  recorder: LargestAllocation | None = None, options: dict | None = None,
+                  **wrapper: Any) -> tuple[LargestAllocation, int]:
+    """The recorder over one ``loss_and_grad`` + ``step`` of Sven on ``engine`` (after a first step), and B·P."""
+    model = make_mlp(SIZES, torch.float32) if model is None else model
+    batch = make_batch(BATCH, SIZES[0], SIZES[-1], torch.float32)
+    wrapped = SvenWrapper(model, per_sample_mse, engine=engine, **wrapper)
+    optimizer = Sven(wrapped, lr=0.1, k=k, svd_mode=svd_mode, **(options or {}))
+    wrapped.loss_and_grad(batch)
+    optimizer.step()
+    recorder = LargestAllocation() if recorder is None else recorder
+    with recorder:
+        wrapped.loss_and_grad(batch)
+        optimizer.step()
+    assert not optimizer.last_step["skipped"]
+    return recorder, BATCH * wrapped.params.size
 
 
 def largest_allocation_of_a_step(
     engine: str, svd_mode: str, k: int, model: nn.Module | None = None, **wrapper: Any
 ) -> tuple[int, str, int]:
     """(largest numel, its op, B·P) over one ``loss_and_grad`` + ``step`` of Sven on ``engine``."""
-    model = make_mlp(SIZES, torch.float32) if model is None else model
-    batch = make_batch(BATCH, SIZES[0], SIZES[-1], torch.float32)
-    wrapped = SvenWrapper(model, per_sample_mse, engine=engine, **wrapper)
-    optimizer = Sven(wrapped, lr=0.1, k=k, svd_mode=svd_mode)
-    wrapped.loss_and_grad(batch)
-    optimizer.step()
-    with LargestAllocation() as recorder:
-        wrapped.loss_and_grad(batch)
-        optimizer.step()
-    assert not optimizer.last_step["skipped"]
-    return recorder.numel, recorder.op, BATCH * wrapped.params.size
+    recorder, jacobian_size = recorded_step(engine, svd_mode, k, model, **wrapper)
+    return recorder.numel, recorder.op, jacobian_size
 
 
 def test_the_model_makes_b_times_p_far_larger_than_any_weight_or_activation() -> None:
@@ -64,6 +91,19 @@ def test_param_fraction_on_the_gram_engine_allocates_nothing_of_jacobian_size(ma
     largest, op, jacobian_size = largest_allocation_of_a_step("gram", "gram", 64, param_fraction=0.5,
                                                               mask_mode=mask_mode)
     assert largest < jacobian_size // 4, f"{op} returned {largest} elements; B·P = {jacobian_size}"
+
+
+@pytest.mark.parametrize("gram_memory, squares", [(0, False), (2**30, True)], ids=["matrix_free", "cholesky"])
+def test_the_matrix_free_route_allocates_no_b_by_b_tensor(monkeypatch, gram_memory: int, squares: bool) -> None:
+    """svd_mode "cg" past the budget: nothing B × B and nothing B × P; within it (Cholesky) the detector trips.
+
+    The Nyström sketch takes 8 < B columns (the model has no dimension of size B).
+    """
+    monkeypatch.setattr(matrix_free, "PRECONDITIONER_RANK", 8)
+    recorder, jacobian_size = recorded_step("gram", "cg", BATCH, recorder=SquareAllocation(BATCH),
+                                            options=dict(damping=1e-3, gram_memory=gram_memory))
+    assert bool(recorder.square_ops) == squares, f"B × B tensors from {sorted(recorder.square_ops)}"
+    assert recorder.numel < jacobian_size // 4, f"{recorder.op} returned {recorder.numel} elements"
 
 
 def test_the_detector_trips_on_the_functorch_engine() -> None:

@@ -7,7 +7,9 @@ having to know the layer type:
 - ``gram()``: the (B, B) float64 matrix ⟨g_i, g_j⟩;
 - ``weighted_sum(c)``: Σ_i c_i g_i, one tensor per parameter (the update Mᵀc);
 - ``per_sample()``: the g_i themselves, (B, *param.shape) per parameter;
-- ``masked_gram(keep)``: ⟨g_i, g_j⟩ over some entries only (``param_fraction``).
+- ``masked_gram(keep)``: ⟨g_i, g_j⟩ over some entries only (``param_fraction``);
+- ``add_gram(out, rows_per_block)`` and ``gram_matmul(u)``: the Gram share assembled a block of rows at a
+  time, and Σ_j ⟨g_i, g_j⟩ u_j without it (large batches, ``sven.opt.matrix_free``).
 
 and exposes its factors — tensors with the sample on dim 0 from which the block is
 rebuilt (``sample_factors`` / ``with_sample_factors``) — so that code outside the
@@ -19,10 +21,13 @@ docs/GRAM_ENGINE.md).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+GRAM_MATMUL_CHUNK = 2**22
+"""float64 elements of the (B·T, columns·d_out) temporaries of ``OuterProductBlock.gram_matmul`` (32 MiB)."""
 
 
 class GradientBlock(ABC):
@@ -41,6 +46,23 @@ class GradientBlock(ABC):
     @abstractmethod
     def per_sample(self) -> list[Tensor]:
         """g_i for every sample: one tensor (B, *param.shape) per parameter."""
+
+    def add_gram(self, out: Tensor, rows_per_block: int) -> None:
+        """out (B, B) float64 += ``gram()``; blocks with a row form build it ``rows_per_block`` rows at a time.
+
+        This default forms the whole (B, B) share at once.
+        """
+        out += self.gram()
+
+    def gram_matmul(self, coeffs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Σ_j ⟨g_i, g_j⟩ coeffs_j for coeffs (B,) or (B, m): (B,) or (B, m) float64, never forming the Gram share.
+
+        Factored blocks multiply their factors in ``dtype``; this default is ``sample_dots(weighted_sum(c))``
+        per column, in the parameters' dtype.
+        """
+        if coeffs.dim() == 2:
+            return torch.stack([self.gram_matmul(column, dtype) for column in coeffs.T], dim=1)
+        return self.sample_dots(self.weighted_sum(coeffs))
 
     def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
         """(B, B) float64: ⟨g_i, g_j⟩ over the kept entries; ``keep`` one boolean (numel,) per parameter.
@@ -104,13 +126,17 @@ class MaterializedBlock(GradientBlock):
         self.params = params
         self.grads = grads
 
-    def gram(self) -> Tensor:
+    def _flat(self, dtype: torch.dtype = torch.float64) -> Tensor:
         batch = self.grads[0].shape[0]
-        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.grads[0].device)
-        for grads in self.grads:  # one product per parameter: no concatenated copy
-            flat = grads.reshape(batch, -1).to(torch.float64)
-            gram += flat @ flat.T
-        return gram
+        return torch.cat([g.reshape(batch, -1) for g in self.grads], dim=1).to(dtype)
+
+    def gram(self) -> Tensor:
+        flat = self._flat()
+        return flat @ flat.T
+
+    def gram_matmul(self, coeffs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        flat = self._flat(dtype)
+        return (flat @ (flat.T @ coeffs.to(dtype))).to(torch.float64)
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         return [torch.tensordot(coeffs.to(g.dtype), g, dims=1) for g in self.grads]
@@ -137,6 +163,7 @@ class OuterProductBlock(GradientBlock):
         self.params = (weight,) if bias is None else (weight, bias)
         self.activations = activations
         self.backprops = backprops
+        self._cast_factors: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     @property
     def uses_ghost_form(self) -> bool:
@@ -148,24 +175,77 @@ class OuterProductBlock(GradientBlock):
         return ghost <= materialised
 
     def gram(self) -> Tensor:
-        return self.ghost_gram() if self.uses_ghost_form else self.materialised_gram()
+        return self._gram_rows()(slice(None))
 
-    def materialised_gram(self) -> Tensor:
-        """(B, B) float64 products of the per-sample gradients, formed in the factors' dtype."""
-        return MaterializedBlock(self.params, self._flat_per_sample()).gram()
+    def _gram_rows(self) -> Callable[[slice], Tensor]:
+        """rows ↦ those n rows of ``gram()``, (n, B) float64, with the float64 factors prepared once.
 
-    def ghost_gram(self) -> Tensor:
-        """(B, B) float64 Σ_{t,s} (a_it·a_js)(b_it·b_js) (+ Σ_{t,s} b_it·b_js for the bias)."""
+        Ghost form: temporaries (n·T, B·T); materialised form: the per-sample gradients (B, d_out·d_in) once.
+        """
         batch, tokens, _ = self.activations.shape
+        if not self.uses_ghost_form:
+            flat = torch.cat(self._flat_per_sample(), dim=1).to(torch.float64)
+            return lambda rows: flat[rows] @ flat.T
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
-        grad_gram = grads @ grads.T
-        gram = (acts @ acts.T) * grad_gram
+
+        def rows_of(rows: slice) -> Tensor:
+            chosen = slice(None) if rows == slice(None) else slice(rows.start * tokens, rows.stop * tokens)
+            grad_gram = grads[chosen] @ grads.T
+            gram = (acts[chosen] @ acts.T) * grad_gram
+            if self.bias is not None:
+                gram = gram + grad_gram
+            if tokens > 1:
+                gram = gram.view(-1, tokens, batch, tokens).sum(dim=(1, 3))
+            return gram
+
+        return rows_of
+
+    def _factors_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Activations (B·T, d_in) and backprops (B, T, d_out) in ``dtype``, cast once: CG multiplies by them
+        at every iteration (one copy of the factors per dtype, O(activations) memory)."""
+        if dtype not in self._cast_factors:
+            self._cast_factors[dtype] = (self.activations.reshape(-1, self.activations.shape[-1]).to(dtype),
+                                         self.backprops.to(dtype))
+        return self._cast_factors[dtype]
+
+    def add_gram(self, out: Tensor, rows_per_block: int) -> None:
+        """``gram()`` a block of ``rows_per_block`` rows at a time: ghost temporaries (rows_per_block·T, B·T)."""
+        batch = out.shape[0]
+        if rows_per_block >= batch:
+            out += self.gram()
+            return
+        rows_of = self._gram_rows()
+        for start in range(0, batch, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, batch))
+            out[rows] += rows_of(rows)
+
+    def gram_matmul(self, coeffs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """M_b (M_bᵀ U) from the factors in ``dtype``, ``GRAM_MATMUL_CHUNK`` elements of (B·T, m·d_out) at a time.
+
+        Mᵀ U is W_k = Σ_{i,t} U_ik b_it a_itᵀ (d_out, d_in) per column k, one GEMM for a group of columns;
+        row i of M W_k is Σ_t b_itᵀ W_k a_it (+ the bias part s_i·(sᵀ U), s_i = Σ_t b_it).
+        """
+        if coeffs.dim() == 1:
+            return self.gram_matmul(coeffs.unsqueeze(1), dtype).squeeze(1)
+        batch, tokens, d_in = self.activations.shape
+        d_out = self.backprops.shape[-1]
+        acts, grads = self._factors_in(dtype)
+        coeffs = coeffs.to(dtype)
+        group = max(1, GRAM_MATMUL_CHUNK // (batch * tokens * d_out))
+        products = []
+        for start in range(0, coeffs.shape[1], group):
+            chosen = coeffs[:, start:start + group]
+            width = chosen.shape[1]
+            weighted = (chosen[:, None, :, None] * grads[:, :, None, :]).reshape(batch * tokens, width * d_out)
+            weights = weighted.T @ acts  # (width·d_out, d_in): W_k stacked
+            applied = (acts @ weights.T).view(batch, tokens, width, d_out)
+            products.append((applied * grads[:, :, None, :]).sum(dim=(1, 3)))
+        product = torch.cat(products, dim=1)
         if self.bias is not None:
-            gram = gram + grad_gram
-        if tokens > 1:
-            gram = gram.view(batch, tokens, batch, tokens).sum(dim=(1, 3))
-        return gram
+            sums = grads.sum(dim=1)
+            product = product + sums @ (sums.T @ coeffs)
+        return product.to(torch.float64)
 
     def sample_dots(self, values: Sequence[Tensor]) -> Tensor:
         """Σ_t b_tᵀ V a_t (+ Σ_t b_t·v_bias) per sample, from the factors."""

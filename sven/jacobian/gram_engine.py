@@ -31,6 +31,10 @@ from sven.jacobian.operator import JacobianOperator
 from sven.jacobian.params import ParamSpace
 from sven.jacobian.shared import merge_shared
 
+GRAM_ROW_BLOCK_ELEMENTS = 2**22
+"""float64 elements of one row block (rows × B) of a layer's Gram share while M Mᵀ is assembled (32 MiB):
+up to B = 2048 the whole share is one block."""
+
 
 @dataclass
 class _Call:
@@ -70,10 +74,19 @@ class GramJacobian(JacobianOperator):
         _check_coverage(blocks, params, zero_params)
 
     def _compute_gram(self) -> Tensor:
-        gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+        """Σ of the blocks' shares, each added ``GRAM_ROW_BLOCK_ELEMENTS // B`` rows at a time (``add_gram``)."""
+        batch = self.shape[0]
+        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.device)
         for block in self.blocks:
-            gram += block.gram()
+            block.add_gram(gram, max(1, GRAM_ROW_BLOCK_ELEMENTS // batch))
         return gram
+
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """M (Mᵀ u), float64, as Σ of the blocks' ``gram_matmul`` in ``dtype``: no (B, B) and no (B, P) tensor."""
+        product = torch.zeros(u.shape, dtype=torch.float64, device=self.device)
+        for block in self.blocks:
+            product += block.gram_matmul(u, dtype)
+        return product
 
     def _assemble(self, per_block: list[list[Tensor]], leading: tuple[int, ...]) -> Tensor:
         pieces: list[Tensor | None] = [None] * len(self.params.tensors)

@@ -52,6 +52,14 @@ class JacobianOperator(ABC):
     def dense(self) -> Tensor:
         """M itself, shape (rows, cols), in the operator's dtype (may materialise it)."""
 
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """M Mᵀ u for u (rows,) or (rows, m), float64, without forming M Mᵀ.
+
+        Factored operators multiply in ``dtype`` (the operator's own dtype is cheaper, float64 exact to ε);
+        this default is ``matmul(rmatmul(u))`` in the operator's dtype.
+        """
+        return self.matmul(self.rmatmul(u)).to(torch.float64)
+
     def masked_gram(self, columns: Tensor) -> Tensor:
         """M_S M_Sᵀ, shape (rows, rows), float64, for the columns S chosen by a boolean mask (cols,).
 
@@ -88,6 +96,10 @@ class DenseJacobian(JacobianOperator):
 
     def rmatmul(self, u: Tensor) -> Tensor:
         return self.matrix.T @ u.to(self.dtype)
+
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        matrix = self.matrix.to(dtype)
+        return (matrix @ (matrix.T @ u.to(dtype))).to(torch.float64)
 
     def matmul(self, v: Tensor) -> Tensor:
         return self.matrix @ v.to(self.dtype)
@@ -147,6 +159,17 @@ class RowTransformedJacobian(JacobianOperator):
 
     def matmul(self, v: Tensor) -> Tensor:
         return self._left(self.base.matmul(v)).to(self.dtype)
+
+    def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """R (G_base (Rᵀ u)), float64; the base's products in ``dtype``."""
+        return self._left(self.base.gram_matmul(self._left_transposed(u), dtype))
+
+    def _left_transposed(self, values: Tensor) -> Tensor:
+        """Rᵀ · values for values (rows_out,) or (rows_out, m), float64."""
+        values = values.to(torch.float64)
+        if not self.diagonal:
+            return self.row_map.T @ values
+        return self._left(values)
 
     def dense(self) -> Tensor:
         return self._left(self.base.dense()).to(self.dtype)

@@ -21,10 +21,11 @@ START_SEED = 0
 
 @dataclass(frozen=True)
 class SolverOptions:
-    """Options of the randomized solvers (ignored by the others)."""
+    """Options of the randomized solvers, and the memory budget of the Gram matrix (bytes, ``sven.opt.matrix_free``)."""
 
     oversampling: int = 5
     power_iterations: int = 1
+    gram_memory: int = 2**29
 
 
 EigenRoutine = Callable[[Tensor, int, SolverOptions, "torch.Generator | None"], tuple[Tensor, Tensor]]
@@ -100,8 +101,17 @@ def nystrom_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torc
     vectors F W Λ^(-1/2). Exact when k + oversampling ≥ rank(S).
     """
     omega = _range_finder(matrix, _sketch_width(matrix, k, options), options, generator)
-    sketch = matrix @ omega
-    shift = matrix.shape[0] * float(torch.finfo(matrix.dtype).eps) * float(torch.linalg.matrix_norm(sketch))
+    return nystrom_from_sketch(omega, matrix @ omega)
+
+
+def nystrom_from_sketch(omega: Tensor, sketch: Tensor, roundoff: float | None = None) -> tuple[Tensor, Tensor]:
+    """Eigenpairs (l,), (n, l) of the Nyström approximation Y (Ωᵀ Y)⁺ Yᵀ from an orthonormal Ω (n, l) and Y = S Ω.
+
+    The stable form of Tropp et al. (2017), see ``nystrom_eigh``; eigenvalues ascending. ``roundoff``: the
+    unit roundoff the sketch was computed in (default: its dtype's), which sets the shift ν.
+    """
+    roundoff = float(torch.finfo(sketch.dtype).eps) if roundoff is None else roundoff
+    shift = omega.shape[0] * roundoff * float(torch.linalg.matrix_norm(sketch))
     shifted = sketch + shift * omega
     core = omega.T @ shifted
     factor = torch.linalg.cholesky((core + core.T) / 2)

@@ -74,6 +74,9 @@ class StepSettings(ParamGroupFields):
         rtol: relative cut on σ / σ_max (≥ 0).
         svd_mode: one of ``sven.opt.pinv.SVD_MODES``.
         oversampling, power_iterations: for the randomized modes (≥ 0).
+        gram_memory: bytes three (rows × rows) float64 matrices may take (the Gram matrix, its shifted copy, its
+            Cholesky factor);
+            past it a damped full-rank step is solved matrix-free (``sven.opt.matrix_free``).
         damping: λ ≥ 0 (each kept σ filtered as σ/(σ² + λ)) or "adaptive".
         damping_init, damping_increase, damping_decrease, damping_min, damping_max, max_tries:
             the adaptive schedule (see ``sven.opt.damping``).
@@ -91,6 +94,7 @@ class StepSettings(ParamGroupFields):
     svd_mode: str = "auto"
     oversampling: int = 5
     power_iterations: int = 1
+    gram_memory: int = 2**29
     damping: float | Literal["adaptive"] = 0.0
     damping_init: float = 1e-3
     damping_increase: float = 10.0
@@ -117,6 +121,10 @@ class StepSettings(ParamGroupFields):
             raise ValueError(
                 f"oversampling and power_iterations must be >= 0; got {self.oversampling}, {self.power_iterations}"
             )
+        if not (isinstance(self.gram_memory, int) and self.gram_memory >= 0):
+            raise ValueError(f"gram_memory must be an integer number of bytes >= 0; got {self.gram_memory!r}")
+        if self.svd_mode == "cg" and self.variable_k:
+            raise ValueError("svd_mode 'cg' solves the full system without a spectrum; variable_k needs one")
         if not (self.adaptive or (isinstance(self.damping, (int, float)) and self.damping >= 0)):
             raise ValueError(f"damping must be a number >= 0 or 'adaptive'; got {self.damping!r}")
         if self.adaptive and self.variable_k:
@@ -157,7 +165,7 @@ class StepSettings(ParamGroupFields):
 
     @property
     def solver_options(self) -> SolverOptions:
-        return SolverOptions(self.oversampling, self.power_iterations)
+        return SolverOptions(self.oversampling, self.power_iterations, self.gram_memory)
 
 
 

@@ -13,8 +13,11 @@ which never form M on the Gram engine when rows ≤ cols: "gram" (exact top-k ei
 no eigendecomposition at all when a Cholesky certificate proves nothing is cut), "randomized"
 (range finder with oversampling and power iterations, Rayleigh–Ritz), "randomized_v2"
 (Nyström: eigendecomposition of the sketch S Ω), "scipy" (ARPACK ``eigsh``) and "lobpcg"
-(``torch.lobpcg``). "auto" (``resolve_mode``) is "gram" unless the step is undamped and rtol
-lies below what the squared spectrum resolves, then "lq". The randomized modes draw their test
+(``torch.lobpcg``), and "cg": the uncut damped step (M Mᵀ + λI)⁻¹ r by Cholesky, or matrix-free by
+preconditioned conjugate gradients when the Gram matrix exceeds ``gram_memory`` (``sven.opt.matrix_free``).
+"auto" (``resolve_mode``) is "gram" unless the step is undamped and rtol lies below what the squared
+spectrum resolves, then "lq" — or "cg" for a damped step keeping every row whose Gram matrix does not fit.
+The randomized modes draw their test
 matrices from a ``torch.Generator`` the caller owns (``Sven`` keeps one and saves it in its
 ``state_dict``).
 """
@@ -36,6 +39,7 @@ from sven.opt.eigen import (
     nystrom_eigh,
     randomized_eigh,
 )
+from sven.opt.matrix_free import gram_fits, normal_equation_solver
 from sven.opt.sides import RowSide, smaller_side
 from sven.opt.spectrum import (
     CertifiedGramSpectrum,
@@ -136,19 +140,28 @@ def orthogonal_solver(op: JacobianOperator, k: int, rtol: float, options: Solver
     return side.spectrum(sigma, zh.T, k, rtol, svd_floor(op.shape))
 
 
+_solver("cg")(normal_equation_solver)
+
 SVD_MODES = ("auto", *SOLVERS)
 
 
-def resolve_mode(mode: str, shape: tuple[int, int], rtol: float, damping: float = 0.0) -> str:
+def resolve_mode(mode: str, shape: tuple[int, int], rtol: float, damping: float = 0.0, k: int | None = None,
+                 gram_memory: int | None = None) -> str:
     """The solver "auto" stands for; other modes are returned unchanged.
 
-    ``damping`` is the smallest λ the step may use (0: undamped). With λ > 0 the filtered
-    σ/(σ² + λ) is well conditioned at any rtol, so the squared-spectrum route "gram" (on the
-    smaller side) is taken; undamped, it is taken when it ``resolves`` rtol (rtol ≥ 10·√(n·ε),
-    n = min(rows, cols)), and "lq" below.
+    ``damping`` is the smallest λ the step may use (0: undamped), ``k`` the smallest rank limit
+    (None: no limit; a rank search passes 1). With λ > 0 the filtered σ/(σ² + λ) is well conditioned
+    at any rtol, so the squared-spectrum route "gram" (on the smaller side) is taken — unless rows ≤ cols,
+    k ≥ rows and three float64 rows × rows matrices exceed ``gram_memory`` bytes (``gram_fits``):
+    then "cg", the matrix-free uncut solve. Undamped, "gram" is taken when it ``resolves`` rtol
+    (rtol ≥ 10·√(n·ε), n = min(rows, cols)), and "lq" below.
     """
     if mode != "auto":
         return mode
+    rows, cols = shape
+    budget = SolverOptions().gram_memory if gram_memory is None else gram_memory
+    if damping > 0 and rows <= cols and (k is None or k >= rows) and not gram_fits(rows, budget):
+        return "cg"
     return "gram" if damping > 0 or resolves(rtol, min(shape)) else "lq"
 
 
@@ -161,4 +174,5 @@ def truncated_spectrum(
     ``generator`` feeds the randomized modes (None: torch's global generator); ``damping`` is
     the smallest λ the step may use.
     """
-    return SOLVERS[resolve_mode(mode, op.shape, rtol, damping)](op, k, rtol, options, generator, damping)
+    name = resolve_mode(mode, op.shape, rtol, damping, k, options.gram_memory)
+    return SOLVERS[name](op, k, rtol, options, generator, damping)

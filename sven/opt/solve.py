@@ -31,10 +31,13 @@ def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator
                    ) -> SolveOutcome:
     """Truncated spectrum of M (rows, cols) by ``settings.svd_mode``; an eigensolver failure falls back to "torch".
 
-    "auto" learns the smallest λ the step may use (``smallest_damping``): with λ > 0 it stays on the Gram route.
+    "auto" learns the smallest λ the step may use (``smallest_damping``): with λ > 0 it stays on the Gram route,
+    or solves matrix-free ("cg") when every row is kept (no rank search) and the Gram matrix exceeds
+    ``gram_memory``.
     """
     damping = smallest_damping(settings)
-    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping)
+    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping,
+                        1 if settings.variable_k else settings.k, settings.gram_memory)
 
     def solve(name: str) -> Spectrum:
         return truncated_spectrum(operator, name, settings.k, settings.rtol, settings.solver_options, generator,

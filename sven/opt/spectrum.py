@@ -67,6 +67,11 @@ class Spectrum(ABC):
     rtol_used: float
 
     @property
+    def diagnostics(self) -> dict[str, float | int | str]:
+        """What the solve reports in ``Sven.last_step`` besides the spectrum (e.g. a residual); empty by default."""
+        return {}
+
+    @property
     def sigma_max(self) -> float:
         return float(self.sigma_all[0]) if self.sigma_all.numel() else 0.0
 

@@ -117,6 +117,10 @@ class Sven(torch.optim.Optimizer):
         check_regularized_combination(first, self._group_settings())
         return first
 
+    def _with_missing_settings(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A saved param group with the step settings it predates (e.g. ``gram_memory``) taken from this optimizer."""
+        return {**{name: self.defaults[name] for name in StepSettings.names() if name not in group}, **group}
+
     def _group_settings(self) -> list[GroupSettings]:
         return [GroupSettings.from_group(group) for group in self.param_groups]
 
@@ -143,7 +147,8 @@ class Sven(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what ``state_dict`` saved; the next step is then bit-identical to the saved run's.
 
-        Param groups saved under deprecated option names are translated (with a DeprecationWarning).
+        Param groups saved under deprecated option names are translated (with a DeprecationWarning); settings
+        added since the state_dict was saved take this optimizer's values.
         """
         state_dict = dict(state_dict)
         if "sven" not in state_dict:
@@ -154,7 +159,8 @@ class Sven(torch.optim.Optimizer):
             buffer = extra[name]
             if buffer is not None and tuple(buffer.shape) != (size,):
                 raise ValueError(f"state_dict buffer {name!r} has shape {tuple(buffer.shape)}; expected ({size},)")
-        state_dict["param_groups"] = [translate_deprecated(group) for group in state_dict["param_groups"]]
+        state_dict["param_groups"] = [self._with_missing_settings(translate_deprecated(group))
+                                      for group in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
         to_device = lambda t: None if t is None else t.to(self.wrapped.device, BUFFER_DTYPE)  # noqa: E731
         self.step_count = int(extra["step_count"])
@@ -230,7 +236,7 @@ class Sven(torch.optim.Optimizer):
             "rank_kept": outcome.spectrum.rank_kept,
             "step_norm": 0.0 if outcome.update is None else candidates.step_norm(outcome.update),
             "mean_loss": mean_loss, "solve_time": solve_time, "step_time": time.perf_counter() - started,
-            **outcome.report,
+            **outcome.report, **outcome.spectrum.diagnostics,
         }, outcome.spectrum)
         if self.track_svd_info:
             self.svd_history.append(history_entry(self.step_count, outcome.spectrum))
