@@ -23,7 +23,7 @@ from sven.bench.plots import group_runs, plot_curves
 from sven.bench.results import command_line, environment, load_average, write_json
 from sven.bench.tables import text_table
 
-EVAL_EVERY = {"sven": 5, "sven-exact": 5, "sven-ls": 2, "adam": 200, "lbfgs": 2, "engd": 2, "lm": 5}
+EVAL_EVERY = {"sven": 2, "sven-adaptive": 5, "sven-exact": 5, "sven-ls": 2, "adam": 200, "lbfgs": 2, "engd": 2, "lm": 5}
 DEFAULT_PINN_OPTIMIZERS = ("sven", "adam")
 
 
