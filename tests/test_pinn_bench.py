@@ -26,7 +26,7 @@ def test_five_sven_steps_lower_the_error(task: str) -> None:
     assert history["loss"][-1] < 0.1 * history["loss"][0]
 
 
-@pytest.mark.parametrize("optimizer", ["engd", "lbfgs", "adam", "sven-exact", "sven-ls"])
+@pytest.mark.parametrize("optimizer", ["engd", "lbfgs", "adam", "sven-adaptive", "sven-exact", "sven-ls"])
 def test_every_optimizer_steps(optimizer: str) -> None:
     run = train_pinn(PINN_PROBLEMS["poisson2d"](), optimizer, seed=0, budget=60.0, max_steps=4)
     assert run["steps"] == 4 and len(run["history"]["loss"]) >= 2

@@ -3,7 +3,8 @@
 Rows ≤ cols: the Gram matrix M Mᵀ (rows × rows) — eigenvectors are U, σ = √λ, V is never formed
 (the step is Mᵀ c through ``op.rmatmul``). Rows > cols: Mᵀ M (cols × cols) from the materialised
 M (rows·cols ≤ rows² is then small) — eigenvectors are V, U = M V / σ. Either way σ is squared, so an
-undamped cut never goes below ``eig_floor`` of the side's size (``squared_floor``).
+undamped cut never goes below ``eig_floor`` of the side's size (``squared_floor``). When nothing is
+cut, either side is solved by Cholesky instead (``Side.certified``).
 """
 
 from __future__ import annotations
