@@ -70,7 +70,8 @@ def pinn_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per run (default 60)")
     parser.add_argument("--optimizers", default=",".join(DEFAULT_PINN_OPTIMIZERS),
                         help=f"comma-separated subset of {','.join(PINN_OPTIMIZERS)}")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds FIRST..FIRST+N-1 (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="FIRST (default 0)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--tag", default="", help="suffix of the result names (TASK-BUDGETs-TAG)")
@@ -99,7 +100,7 @@ def run_pinn(argv: list[str]) -> Path:
     runs, skipped = [], {}
     for optimizer in names:
         try:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 runs.append(train_pinn(problem, optimizer, seed, args.budget))
                 if not args.no_progress:
                     print(text_table(*summary_rows(runs[-1:])))
