@@ -26,10 +26,10 @@ def test_five_adaptive_sven_steps_lower_the_error(task: str) -> None:
     assert history["loss"][-1] < 0.1 * history["loss"][0]
 
 
-def test_sven_with_its_line_search_reaches_a_small_error_in_forty_steps() -> None:
-    """The bench's Sven (undamped, rtol 1e-8, backtracking on lr): about 3 s on one core."""
-    run = train_pinn(PINN_PROBLEMS["poisson2d"](), "sven", seed=0, budget=60.0, max_steps=40)
-    assert not run["diverged"] and run["history"]["rms_error"][-1] < 1e-5
+def test_sven_with_its_line_search_reaches_a_small_error_in_sixty_steps() -> None:
+    """The bench's Sven (undamped, rtol 1e-8, backtracking on lr): 1e-7 after 52 steps, about 5 s on one core."""
+    run = train_pinn(PINN_PROBLEMS["poisson2d"](), "sven", seed=0, budget=60.0, max_steps=60)
+    assert not run["diverged"] and run["history"]["rms_error"][-1] < 1e-6
 
 
 @pytest.mark.parametrize("optimizer", ["engd", "lbfgs", "adam", "sven-adaptive", "sven-exact", "sven-ls"])
