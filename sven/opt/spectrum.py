@@ -171,16 +171,16 @@ def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | Non
     floating point proves G − rtol_used²·U·I positive definite: the extra s·tr(G) exceeds the
     factorisation's backward error (Rump, BIT 2006) and the error of an eigh of G, so the eigh
     route would keep every value too. None proves nothing: the caller takes eigh. ``rtol_used`` = 0 (a
-    damped step that cuts nothing) needs no proof: the certificate then holds no factor.
+    damped step that cuts nothing) needs no proof: when G − τI has no factor, the certificate holds none.
     """
-    if rtol_used == 0:
-        return GramCertificate(0.0, None)
     slack = 4 * (gram.shape[0] + 2) * FLOAT64_EPS
     row_sums = float(gram.abs().sum(dim=1).max())
     upper = min(row_sums, float(torch.linalg.matrix_norm(gram))) * (1 + slack)
     shift = rtol_used**2 * upper + slack * float(gram.diagonal().sum())
     factor, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
-    return GramCertificate(shift, factor) if int(info) == 0 else None
+    if int(info) == 0:
+        return GramCertificate(shift, factor)
+    return GramCertificate(0.0, None) if rtol_used == 0 else None
 
 
 class CertifiedGramSpectrum(Spectrum):
