@@ -175,7 +175,7 @@ def step_seconds(engine: str, loss_fn, kappa: float, options: dict, repeats: int
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [{}, {"rtol": 0.0, "damping": 1e-6}], ids=["eigh", "cholesky"])
+@pytest.mark.parametrize("options", [{}, {"rtol": 0.0, "damping": 1e-2}], ids=["eigh", "cholesky"])
 def test_step_times_of_both_engines_on_the_poisson_residual(options: dict) -> None:
     """Prints the step times at B = 1024 (float64); both engines and both residual forms take one step.
 
