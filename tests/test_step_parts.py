@@ -83,6 +83,33 @@ def test_spectra_apply_the_reference_pseudoinverse_and_its_filter(damping: float
         <= 1e-12
 
 
+@pytest.mark.parametrize("rtol, damping, certified", [(1e-3, 0.0, True), (1e-3, 0.3, True), (0.0, 0.3, True),
+                                                     (0.5, 0.0, False)],
+                         ids=["undamped", "damped", "damped_rtol_zero", "rtol_cuts"])
+def test_rows_above_cols_take_a_cholesky_solve_of_the_column_side_when_nothing_is_cut(
+    rtol: float, damping: float, certified: bool
+) -> None:
+    """Mᵀ M (cols × cols) certified: (Mᵀ M + λI)⁻¹ Mᵀ r = V diag(σ/(σ² + λ)) Uᵀ r, the same σ as the eigh route."""
+    matrix, residuals = random_problem(rows=30, cols=10)
+    operator = DenseJacobian(matrix)
+    spectrum = truncated_spectrum(operator, "gram", 64, rtol, damping=damping)
+    assert isinstance(spectrum, CertifiedGramSpectrum) == certified
+    expected = reference_direction(matrix, residuals, 64, rtol, damping)
+    assert relative_error(spectrum.direction(operator, residuals, damping), expected) <= 1e-12
+    assert relative_error(spectrum.sigma, torch.linalg.svdvals(matrix)[:spectrum.rank_kept]) <= 1e-12
+
+
+def test_a_damped_rank_deficient_column_side_is_factorised_with_its_damping() -> None:
+    """rtol = 0 and λ > 0 cut nothing: no certificate factor exists for a singular Mᵀ M, so Mᵀ M + λI is factorised."""
+    matrix, residuals = random_problem(rows=30, cols=10)
+    matrix[:, -1] = matrix[:, 0]
+    operator = DenseJacobian(matrix)
+    spectrum = truncated_spectrum(operator, "gram", 64, 0.0, damping=0.3)
+    assert isinstance(spectrum, CertifiedGramSpectrum) and spectrum.certificate.factor is None
+    expected = reference_direction(matrix, residuals, 64, 0.0, 0.3)
+    assert relative_error(spectrum.direction(operator, residuals, 0.3), expected) <= 1e-12
+
+
 def test_rmsprop_pre_scales_the_columns_and_post_scales_the_directions() -> None:
     matrix, _ = random_problem()
     operator = DenseJacobian(matrix)

@@ -23,7 +23,7 @@ from sven.bench.plots import group_runs, plot_curves
 from sven.bench.results import command_line, environment, load_average, write_json
 from sven.bench.tables import text_table
 
-EVAL_EVERY = {"sven": 5, "sven-exact": 5, "sven-ls": 2, "adam": 200, "lbfgs": 2, "engd": 2, "lm": 5}
+EVAL_EVERY = {"sven": 2, "sven-adaptive": 5, "sven-exact": 5, "sven-ls": 2, "adam": 200, "lbfgs": 2, "engd": 2, "lm": 5}
 DEFAULT_PINN_OPTIMIZERS = ("sven", "adam")
 
 
@@ -70,7 +70,8 @@ def pinn_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per run (default 60)")
     parser.add_argument("--optimizers", default=",".join(DEFAULT_PINN_OPTIMIZERS),
                         help=f"comma-separated subset of {','.join(PINN_OPTIMIZERS)}")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds FIRST..FIRST+N-1 (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="FIRST (default 0)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--tag", default="", help="suffix of the result names (TASK-BUDGETs-TAG)")
@@ -99,7 +100,7 @@ def run_pinn(argv: list[str]) -> Path:
     runs, skipped = [], {}
     for optimizer in names:
         try:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 runs.append(train_pinn(problem, optimizer, seed, args.budget))
                 if not args.no_progress:
                     print(text_table(*summary_rows(runs[-1:])))

@@ -153,7 +153,10 @@ def _sven_settings(batch: Batch, **settings: Any) -> dict[str, Any]:
 
 
 PINN_OPTIMIZERS: dict[str, StepperFactory] = {
-    "sven": lambda model, batch: SvenStepper(model, batch, _sven_settings(batch, rtol=0.0, damping="adaptive")),
+    "sven": lambda model, batch: SvenStepper(model, batch, _sven_settings(batch, rtol=1e-8, line_search=True,
+                                                                          max_tries=30)),
+    "sven-adaptive": lambda model, batch: SvenStepper(model, batch,
+                                                      _sven_settings(batch, rtol=0.0, damping="adaptive")),
     "sven-exact": lambda model, batch: SvenStepper(model, batch, _sven_settings(batch, rtol=1e-6)),
     "sven-ls": lambda model, batch: SvenLineSearchStepper(model, batch, _sven_settings(batch, rtol=1e-7)),
     "adam": lambda model, batch: ClosureStepper(model, batch, torch.optim.Adam(model.parameters(), lr=1e-3)),
@@ -163,7 +166,8 @@ PINN_OPTIMIZERS: dict[str, StepperFactory] = {
     "engd": EngdStepper,
     "lm": lambda model, batch: LevenbergMarquardtPinnStepper(model, batch, {}),
 }
-"""Each optimizer's settings: Sven with adaptive damping keeps every direction (rtol = 0, λ filters them);
+"""Each optimizer's settings: Sven takes the undamped step cut below 1e-8·σ_max with its backtracking on lr
+(``line_search``: 1, ½, … ½^29); "sven-adaptive" keeps every direction (rtol = 0) and lets adaptive λ filter them;
 the exact step (damping 0, lr = 1) cuts below 1e-6·σ_max; "sven-ls" takes the exact step cut below 1e-7·σ_max
 (about where ENGD's pseudoinverse of G = JᵀJ cuts) as a direction for ENGD's line search; Adam at lr = 1e-3;
 L-BFGS with a strong Wolfe search."""

@@ -85,6 +85,8 @@ class StepSettings(ParamGroupFields):
         rmsprop_alpha, rmsprop_eps: RMSProp's averaging factor in [0, 1) and ε > 0.
         momentum: heavy-ball factor μ in [0, 1) on the update (0: off).
         variable_k: greedy rank search on the batch loss.
+        line_search: backtracking on lr: the update scaled by 1, ½, ¼, … (at most ``max_tries``
+            tries, one spectrum) until the batch loss falls; the first such scale is kept.
         fisher_decay: λ_F ≥ 0, the ridge λ_F‖M(θ + d)‖² in the step's objective.
         relative: weight_decay and a fixed damping in units of σ_max² of M Mᵀ at each step.
     """
@@ -107,6 +109,7 @@ class StepSettings(ParamGroupFields):
     rmsprop_eps: float = 1e-8
     momentum: float = 0.0
     variable_k: bool = False
+    line_search: bool = False
     fisher_decay: float = 0.0
     relative: bool = False
 
@@ -129,6 +132,11 @@ class StepSettings(ParamGroupFields):
             raise ValueError(f"damping must be a number >= 0 or 'adaptive'; got {self.damping!r}")
         if self.adaptive and self.variable_k:
             raise ValueError("variable_k and damping='adaptive' both search the step on the batch loss; pick one")
+        if not isinstance(self.line_search, bool):
+            raise ValueError(f"line_search must be True or False; got {self.line_search!r}")
+        if self.line_search and (self.adaptive or self.variable_k):
+            raise ValueError("line_search, variable_k and damping='adaptive' each search the step on the batch loss; "
+                             "pick one")
         if not self.damping_init > 0:
             raise ValueError(f"damping_init must be > 0; got {self.damping_init}")
         self.schedule  # noqa: B018 (building the schedule validates its fields)
@@ -152,6 +160,11 @@ class StepSettings(ParamGroupFields):
     def adaptive(self) -> bool:
         """Whether λ is searched on the batch loss (``damping="adaptive"``)."""
         return self.damping == "adaptive"
+
+    @property
+    def searches(self) -> bool:
+        """Whether the step tries candidates on the batch loss (and so must be able to undo them)."""
+        return self.adaptive or self.variable_k or self.line_search
 
     @property
     def fixed_damping(self) -> float:

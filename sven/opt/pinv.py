@@ -40,9 +40,8 @@ from sven.opt.eigen import (
     randomized_eigh,
 )
 from sven.opt.matrix_free import gram_fits, normal_equation_solver
-from sven.opt.sides import RowSide, smaller_side
+from sven.opt.sides import smaller_side
 from sven.opt.spectrum import (
-    CertifiedGramSpectrum,
     Spectrum,
     certify_nothing_cut,
     effective_rtol,
@@ -75,16 +74,17 @@ def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOption
                 generator: torch.Generator | None, damping: float) -> Spectrum:
     """Exact top-k eigenpairs of the smaller side S (float64); λ = σ².
 
-    On M Mᵀ with k ≥ rows, when ``certify_nothing_cut`` proves that no σ falls below the cut,
-    the step needs no eigendecomposition (``CertifiedGramSpectrum``).
+    With k ≥ the side's size, when ``certify_nothing_cut`` proves that no σ falls below the cut
+    (or a damped step cuts nothing), the step needs no eigendecomposition, only a Cholesky solve of
+    the side (``Side.certified``).
     """
     side = smaller_side(op)
-    if isinstance(side, RowSide) and k >= op.shape[0]:
+    if k >= min(op.shape):
         gram = side.matrix
         floor = squared_floor(gram.shape[0], damping, float(gram.diagonal().sum()))
         certificate = certify_nothing_cut(gram, effective_rtol(rtol, floor))
         if certificate is not None:
-            return CertifiedGramSpectrum(gram, certificate, rtol, floor)
+            return side.certified(certificate, rtol, floor)
     return side.eigen_spectrum(*exact_eigh(side.matrix, k, options, generator), k, rtol, damping)
 
 

@@ -1,4 +1,5 @@
-"""Step search: pick the update of one step from its spectrum — as solved, by adaptive λ, or by greedy rank.
+"""Step search: pick the update of one step from its spectrum — as solved, by adaptive λ, by greedy rank,
+or by backtracking on lr.
 
 Each search builds candidate updates with ``CandidateSteps`` (which applies and undoes
 them exactly) and leaves the chosen one applied.
@@ -45,6 +46,8 @@ def search_step(candidates: CandidateSteps, spectrum: Spectrum, settings: StepSe
     update = candidates.update(spectrum, fixed)
     if not bool(torch.isfinite(update).all()):
         return SearchOutcome(None, spectrum, failure="the solver returned a non-finite direction")
+    if settings.line_search:
+        return backtracking_step(candidates, spectrum, update, settings.max_tries, fixed, mean_loss)
     candidates.apply(update)
     return SearchOutcome(update, spectrum, {"damping": fixed, "tries": 1, "accepted": True})
 
@@ -65,6 +68,23 @@ def adaptive_step(candidates: CandidateSteps, spectrum: Spectrum, settings: Step
     report = {"damping": outcome.damping_used, "tries": outcome.tries, "accepted": outcome.accepted,
               "next_damping": outcome.next_damping}
     return SearchOutcome(tried[-1] if outcome.accepted else None, spectrum, report, outcome.next_damping)
+
+
+def backtracking_step(candidates: CandidateSteps, spectrum: Spectrum, update: Tensor, max_tries: int,
+                      damping: float, mean_loss: float) -> SearchOutcome:
+    """Apply ``update`` (n,) scaled by 1, ½, ¼, … until the batch loss falls below ``mean_loss``; keep that one.
+
+    After ``max_tries`` refusals nothing is applied (the step is taken with no move, ``accepted`` False).
+    """
+    for tries in range(1, max_tries + 1):
+        scale = 0.5 ** (tries - 1)
+        scaled = update * scale
+        if candidates.loss_after(scaled) < mean_loss:
+            return SearchOutcome(scaled, spectrum, {"damping": damping, "tries": tries, "accepted": True,
+                                                    "lr_scale": scale})
+        candidates.undo()
+    return SearchOutcome(None, spectrum, {"damping": damping, "tries": max_tries, "accepted": False,
+                                          "lr_scale": 0.0})
 
 
 def greedy_spectrum(candidates: CandidateSteps, spectrum: Spectrum, damping: float) -> Spectrum:

@@ -3,7 +3,8 @@
 Rows ≤ cols: the Gram matrix M Mᵀ (rows × rows) — eigenvectors are U, σ = √λ, V is never formed
 (the step is Mᵀ c through ``op.rmatmul``). Rows > cols: Mᵀ M (cols × cols) from the materialised
 M (rows·cols ≤ rows² is then small) — eigenvectors are V, U = M V / σ. Either way σ is squared, so an
-undamped cut never goes below ``eig_floor`` of the side's size (``squared_floor``).
+undamped cut never goes below ``eig_floor`` of the side's size (``squared_floor``). When nothing is
+cut, either side is solved by Cholesky instead (``Side.certified``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import torch
 from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
-from sven.opt.spectrum import TruncatedSpectrum, squared_floor, truncate
+from sven.opt.spectrum import (
+    CertifiedGramSpectrum,
+    GramCertificate,
+    Spectrum,
+    TruncatedSpectrum,
+    squared_floor,
+    truncate,
+)
 
 
 class Side(ABC):
@@ -42,6 +50,10 @@ class Side(ABC):
         ``damped``: every step from it uses a λ that resolves (``squared_floor`` is 0), so σ = 0 directions
         may be kept (``truncate``'s ``keep_zero``).
         """
+
+    @abstractmethod
+    def certified(self, certificate: GramCertificate, rtol: float, floor: float) -> Spectrum:
+        """M's spectrum when ``certificate`` proves that ``matrix`` has no σ below the cut: a Cholesky solve."""
 
     def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor, k: int, rtol: float,
                        damping: float) -> TruncatedSpectrum:
@@ -71,6 +83,9 @@ class RowSide(Side):
                  sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
         return truncate(vectors, sigma, None, k, rtol, floor, sigma_all, keep_zero=damped)
 
+    def certified(self, certificate: GramCertificate, rtol: float, floor: float) -> Spectrum:
+        return CertifiedGramSpectrum(self.matrix, certificate, rtol, floor)
+
 
 class ColumnSide(Side):
     """Mᵀ M (cols, cols) from the materialised M: vectors are V, and U = M V / σ."""
@@ -93,6 +108,30 @@ class ColumnSide(Side):
         right = truncate(vectors, sigma, None, k, rtol, floor, sigma_all)
         left = self.dense64 @ right.u / right.sigma
         return TruncatedSpectrum(left, right.sigma, right.u, right.sigma_all, right.rtol_used)
+
+    def certified(self, certificate: GramCertificate, rtol: float, floor: float) -> Spectrum:
+        return CertifiedColumnSpectrum(self, certificate, rtol, floor)
+
+
+class CertifiedColumnSpectrum(CertifiedGramSpectrum):
+    """Mᵀ M (cols, cols) proved to have every σ above the cut: M⁺r = (Mᵀ M)⁻¹ Mᵀ r, damped (Mᵀ M + λI)⁻¹ Mᵀ r.
+
+    A Cholesky solve of the cols × cols system instead of its eigendecomposition; eigh only for diagnostics.
+    """
+
+    def __init__(self, side: ColumnSide, certificate: GramCertificate, rtol: float, floor: float) -> None:
+        super().__init__(side.matrix, certificate, rtol, floor)
+        self.side = side
+
+    @cached_property
+    def eigen(self) -> TruncatedSpectrum:
+        """The eigh route's spectrum of Mᵀ M (V, and U = M V / σ)."""
+        eigenvalues, vectors = torch.linalg.eigh(self.gram)
+        return self.side.spectrum(eigenvalues.clamp(min=0).sqrt(), vectors, self.gram.shape[0], self.rtol,
+                                  self.floor)
+
+    def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
+        return self.solve(self.side.dense64.T @ residuals.to(torch.float64), damping).to(op.dtype)
 
 
 def smaller_side(op: JacobianOperator) -> Side:

@@ -148,10 +148,13 @@ def gram_eigh(gram: Tensor, k: int, rtol: float, floor: float | None = None) -> 
 
 @dataclass(frozen=True)
 class GramCertificate:
-    """Proof that every eigenvalue of a Gram matrix G exceeds ``shift``: the Cholesky factor (n, n) of G − shift·I."""
+    """Proof that every eigenvalue of a Gram matrix G exceeds ``shift``: the Cholesky factor (n, n) of G − shift·I.
+
+    ``factor`` None: nothing to prove (no cut, every step damped): each solve factorises G + λI itself.
+    """
 
     shift: float
-    factor: Tensor
+    factor: Tensor | None
 
 
 REFINEMENT_TOLERANCE = 1e-12
@@ -172,14 +175,17 @@ def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | Non
     factorisation of G − τI with τ = rtol_used²·U + s·tr(G), s = 4(n + 2)ε, that succeeds in
     floating point proves G − rtol_used²·U·I positive definite: the extra s·tr(G) exceeds the
     factorisation's backward error (Rump, BIT 2006) and the error of an eigh of G, so the eigh
-    route would keep every value too. None proves nothing: the caller takes eigh.
+    route would keep every value too. None proves nothing: the caller takes eigh. ``rtol_used`` = 0 (a
+    damped step that cuts nothing) needs no proof: when G − τI has no factor, the certificate holds none.
     """
     slack = 4 * (gram.shape[0] + 2) * FLOAT64_EPS
     row_sums = float(gram.abs().sum(dim=1).max())
     upper = min(row_sums, float(torch.linalg.matrix_norm(gram))) * (1 + slack)
     shift = rtol_used**2 * upper + slack * float(gram.diagonal().sum())
     factor, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
-    return GramCertificate(shift, factor) if int(info) == 0 else None
+    if int(info) == 0:
+        return GramCertificate(shift, factor)
+    return GramCertificate(0.0, None) if rtol_used == 0 else None
 
 
 class CertifiedGramSpectrum(Spectrum):
@@ -188,6 +194,7 @@ class CertifiedGramSpectrum(Spectrum):
     The step solves with the certificate's Cholesky factor (rows × rows, float64). The
     eigenvalues — the very values the eigh route returns — are computed by one eigh only
     when something reads ``sigma`` or ``sigma_all`` (diagnostics) or cuts the spectrum.
+    ``sven.opt.sides`` derives the same for Mᵀ M when rows > cols.
     """
 
     def __init__(self, gram: Tensor, certificate: GramCertificate, rtol: float, floor: float) -> None:
@@ -221,7 +228,7 @@ class CertifiedGramSpectrum(Spectrum):
         return op.rmatmul(self.solve(residuals.to(torch.float64), damping))
 
     def solve(self, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        """c = (G + damping·I)⁻¹ r for r (rows,) float64, G = M Mᵀ; returns (rows,) float64.
+        """c = (G + damping·I)⁻¹ r for r (n,) float64, G the Gram matrix; returns (n,) float64.
 
         Iterative refinement on the certificate's factor of S = G − τI: each correction
         S⁻¹(r − (G + damping·I) c) shrinks the error by (τ + damping)/λ_min(S), tiny when
@@ -230,6 +237,8 @@ class CertifiedGramSpectrum(Spectrum):
         ``SLOW_CONTRACTION`` per step, G + damping·I is factorised instead.
         """
         system = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
+        if self.certificate.factor is None:
+            return torch.cholesky_solve(residuals.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
         solve_shifted = lambda v: torch.cholesky_solve(v.unsqueeze(1), self.certificate.factor).squeeze(1)  # noqa: E731
         solution = solve_shifted(residuals)
         previous = float("inf")

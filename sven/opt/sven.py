@@ -51,7 +51,7 @@ class Sven(torch.optim.Optimizer):
             ``sven.opt.options.GroupSettings``) and the step's settings,
             ``sven.opt.options.StepSettings`` (k, rtol, svd_mode, oversampling,
             power_iterations, damping and its adaptive schedule, rmsprop, rmsprop_alpha,
-            rmsprop_eps, momentum, variable_k, fisher_decay, relative). The names ``use_rmsprop``,
+            rmsprop_eps, momentum, variable_k, line_search, fisher_decay, relative). The names ``use_rmsprop``,
             ``rmsprop_post``, ``alpha_rmsprop``, ``eps_rmsprop`` and ``mu_rmsprop`` still
             work and warn (DeprecationWarning).
     """
@@ -224,7 +224,7 @@ class Sven(torch.optim.Optimizer):
             self.wrapped, rmsprop.operator, state.residuals, state.batch, state.columns, rmsprop.direction_scaling,
             self._per_param("lr"), self._per_param("decoupled_weight_decay"),
             (self.momentum, settings.momentum) if settings.momentum else None,
-            undoable=settings.adaptive or settings.variable_k,
+            undoable=settings.searches,
         )
         outcome = search_step(candidates, solved.spectrum, settings, self.current_damping, mean_loss)
         if outcome.failure is not None:
