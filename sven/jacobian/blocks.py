@@ -98,17 +98,15 @@ class GradientBlock(ABC):
         """
         return torch.stack([self.sample_dots([v[k] for v in values]) for k in range(values[0].shape[0])], dim=1)
 
-    def nonfinite_samples(self) -> Tensor:
-        """(B,) bool: samples with a NaN or Inf among their factors (so possibly in their gradients).
+    def sample_sums(self) -> Tensor:
+        """(B,) float64: the sum of every entry of each sample's floating-point factors.
 
-        One float64 sum per sample and factor (a NaN or Inf makes the sum NaN or Inf) instead of a test
-        of every entry; a float64 sum can overflow only for entries whose squares, in the Gram matrix, would.
+        A NaN or Inf among a sample's factors (so possibly in its gradients) makes its sum NaN or
+        Inf: one reduction per factor instead of a test of every entry. A float64 sum can overflow
+        only for entries whose squares, in the Gram matrix, would.
         """
         factors = [f for f in self.sample_factors() if f.is_floating_point()]
-        bad = torch.zeros(factors[0].shape[0], dtype=torch.bool, device=factors[0].device)
-        for factor in factors:
-            bad |= ~torch.isfinite(factor.reshape(factor.shape[0], -1).sum(dim=1, dtype=torch.float64))
-        return bad
+        return sum(f.reshape(f.shape[0], -1).sum(dim=1, dtype=torch.float64) for f in factors)
 
     def sample_factors(self) -> tuple[Tensor, ...]:
         """Tensors (B, …) that determine this block's per-sample gradients; by default the gradients themselves."""

@@ -89,9 +89,9 @@ class RecomputedBlock(GradientBlock):
             return None
         return self.per_sample()
 
-    def nonfinite_samples(self) -> Tensor:
-        """From the Gram diagonal ‖g_i‖² (bounded memory, computed once)."""
-        return ~torch.isfinite(self.gram().diagonal())
+    def sample_sums(self) -> Tensor:
+        """The Gram diagonal ‖g_i‖² (B,): non-finite exactly where a gradient is (bounded memory, computed once)."""
+        return self.gram().diagonal()
 
     def gram(self) -> Tensor:
         return self._gram

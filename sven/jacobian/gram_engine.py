@@ -103,10 +103,10 @@ class GramJacobian(JacobianOperator):
         """Rows with a NaN or Inf among their blocks' sample factors (the Gram diagonal once it is formed)."""
         if "_cached_gram" in self.__dict__:
             return super().nonfinite_rows()
-        bad = torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
-        for block in self.blocks:
-            bad |= block.nonfinite_samples()
-        return bad
+        sums = [block.sample_sums() for block in self.blocks]
+        if bool(torch.isfinite(torch.stack([total.sum() for total in sums])).all()):
+            return torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
+        return ~torch.isfinite(torch.stack(sums)).all(dim=0)
 
     def masked_gram(self, columns: Tensor) -> Tensor:
         """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M."""

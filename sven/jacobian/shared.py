@@ -61,11 +61,8 @@ class SharedParameterBlock(GradientBlock):
         by_id = {id(p): v for p, v in zip(self.params, values)}
         return sum(part.sample_dots(self._values_for(part, by_id)) for part in self.parts)
 
-    def nonfinite_samples(self) -> Tensor:
-        bad = self.parts[0].nonfinite_samples()
-        for part in self.parts[1:]:
-            bad = bad | part.nonfinite_samples()
-        return bad
+    def sample_sums(self) -> Tensor:
+        return sum(part.sample_sums() for part in self.parts)
 
     def sample_factors(self) -> tuple[Tensor, ...]:
         """The parts' factors, in order."""
