@@ -6,7 +6,7 @@ from typing import Any
 
 from sven.bench.grids import default_settings
 from sven.bench.plots import group_runs
-from sven.bench.results import final
+from sven.bench.results import final, studies_of
 from sven.bench.tables import markdown_table, settings_text
 
 
@@ -34,7 +34,7 @@ def seed_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def demo_lines(payloads: list[dict[str, Any]]) -> list[str]:
     """Markdown lines of the section, one table per ``demo`` study payload (none without such a payload)."""
-    studies = [payload for payload in payloads if payload["study"] == "demo" and payload["runs"]]
+    studies = studies_of(payloads, "demo")
     if not studies:
         return []
     lines = ["## The demo's settings", "",

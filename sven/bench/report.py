@@ -13,7 +13,7 @@ from typing import Any
 from sven.bench.demo_report import demo_lines
 from sven.bench.optimizers import SVEN_VARIANTS
 from sven.bench.plots import group_runs, plot_study
-from sven.bench.results import final, mean_std, read_json
+from sven.bench.results import final, mean_std, read_json, studies_of
 from sven.bench.studies import STUDIES
 from sven.bench.tables import markdown_table, summary_table
 from sven.bench.target_report import timing_lines
@@ -84,7 +84,7 @@ def _claim_lines(payloads: list[dict[str, Any]]) -> list[str]:
 
 
 def _bar_lines(payloads: list[dict[str, Any]]) -> list[str]:
-    studies = [payload for payload in payloads if payload["study"] == "lm" and payload["runs"]]
+    studies = studies_of(payloads, "lm")
     if not studies:
         return []
     lines = ["## Sven against Levenberg–Marquardt", "",

@@ -70,6 +70,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def studies_of(payloads: list[dict[str, Any]], *kinds: str) -> list[dict[str, Any]]:
+    """The payloads of the given study kinds ("compare", "lm", "demo", …) that hold at least one run."""
+    return [payload for payload in payloads if payload["study"] in kinds and payload["runs"]]
+
+
 def final(run: dict[str, Any], metric: str = "val_loss") -> float:
     """The last recorded value of ``metric`` in a run (inf for a diverged run or a missing value)."""
     value = run["history"][metric][-1]

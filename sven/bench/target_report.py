@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sven.bench.plots import group_runs, plot_curves
+from sven.bench.results import studies_of
 from sven.bench.tables import markdown_table, settings_text
 from sven.bench.timing import final_val_loss, race, time_to_target
 from sven.bench.train import TRACE_EVERY
@@ -80,8 +81,8 @@ def _time_figure(payload: dict[str, Any], figures: Path, page: Path) -> str:
 
 def timing_lines(payloads: list[dict[str, Any]], figures: Path, page: Path) -> list[str]:
     """Markdown lines of the section for every compare or ``lm`` payload whose runs carry a trace."""
-    traced = [payload for payload in payloads if payload["study"] in ("compare", "lm") and payload["runs"]
-              and all("trace" in run for run in payload["runs"]) and reference_label(payload, ADAM)]
+    traced = [payload for payload in studies_of(payloads, "compare", "lm")
+              if all("trace" in run for run in payload["runs"]) and reference_label(payload, ADAM)]
     if not traced:
         return []
     lines = ["## Time to target", "",
