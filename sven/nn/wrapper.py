@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -196,7 +197,8 @@ class SvenWrapper:
         return losses, preds
 
     def _rows_of(self, batch: tuple) -> ResidualRows | None:
-        """For residual_fn: its rows, with m learnt from one forward without gradient on the first batch."""
+        """For residual_fn: its rows, with m learnt from one forward on the first batch (with autograd
+        enabled, as a forward that differentiates inside needs; nothing is kept)."""
         if self.residual_fn is None or self._residual_rows is not None:
             return self._residual_rows
         inputs, targets, *extra = batch
@@ -213,15 +215,15 @@ class SvenWrapper:
         """
         if self.batchnorm.batch_statistics_layers():
             return coupled_jacobian(self.model, loss_fn, batch, self.params, columns)
-        candidates = {name: (lambda name=name: self._run_engine(name, loss_fn, batch, columns))
-                      for name in AUTO_CANDIDATES}
+        run = partial(self._run_engine, loss_fn=loss_fn, batch=batch, columns=columns)
         if self.engine_choice is None:
+            candidates = {name: partial(run, name) for name in AUTO_CANDIDATES}
             self.engine_choice, result = choose_engine(candidates, self.model, loss_fn, batch, self.params, columns)
             return result
-        if self._engine_checked or self.engine_choice.engine == "rowwise":
-            return candidates[self.engine_choice.engine]()
-        result, difference = run_and_check(candidates[self.engine_choice.engine], self.model, loss_fn, batch,
-                                           self.params, columns)
+        engine = self.engine_choice.engine
+        if self._engine_checked or engine == "rowwise":
+            return run(engine)
+        result, difference = run_and_check(partial(run, engine), self.model, loss_fn, batch, self.params, columns)
         if difference > tolerance_for(self.params):
             raise RuntimeError(
                 f"engine={self.engine!r} gives a Jacobian whose Mᵀc differs from autograd's by {difference:.2g} "
