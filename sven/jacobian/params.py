@@ -41,6 +41,13 @@ class ParamSpace:
         """Start of each parameter's slice in the flat vector, shape (len(tensors) + 1,)."""
         return torch.tensor([0, *self.numels]).cumsum(0)
 
+    def per_entry(self, values: list[float], columns: Tensor | None = None,
+                  device: torch.device | None = None) -> Tensor:
+        """One value per parameter tensor spread over its entries: (P,) float64, or (n,) at sorted ``columns``."""
+        spread = torch.repeat_interleave(torch.tensor(values, dtype=torch.float64), torch.tensor(self.numels))
+        spread = spread.to(device if device is not None else self.tensors[0].device)
+        return spread if columns is None else spread[columns]
+
     def flatten(self, per_param: list[Tensor], leading: tuple[int, ...] = ()) -> Tensor:
         """Concatenate tensors shaped ``(*leading, *p.shape)`` into ``(*leading, P)``."""
         return torch.cat([t.reshape(*leading, -1) for t in per_param], dim=len(leading))

@@ -77,9 +77,5 @@ class CandidateSteps:
         """‖Δθ‖ = ‖lr_g · b‖ of an update."""
         if len(set(self.lr_per_param)) == 1:
             return abs(self.lr_per_param[0]) * float(update.to(torch.float64).norm())
-        params = self.wrapped.params
-        lr_flat = torch.repeat_interleave(
-            torch.tensor(self.lr_per_param, dtype=torch.float64), torch.tensor(params.numels)
-        ).to(update.device)
-        lr_flat = lr_flat if self.columns is None else lr_flat[self.columns]
+        lr_flat = self.wrapped.params.per_entry(self.lr_per_param, self.columns, update.device)
         return float((update.to(torch.float64) * lr_flat).norm())

@@ -277,10 +277,7 @@ class Sven(torch.optim.Optimizer):
 
     def _per_column(self, name: str, columns: Tensor | None) -> Tensor:
         """The group setting ``name`` per flat parameter (P,), or at ``columns`` (n,), float64."""
-        params = self.wrapped.params
-        values = torch.repeat_interleave(torch.tensor(self._per_param(name), dtype=torch.float64),
-                                         torch.tensor(params.numels)).to(self.wrapped.device)
-        return values if columns is None else values[columns]
+        return self.wrapped.params.per_entry(self._per_param(name), columns, self.wrapped.device)
 
 
 def _nothing_kept_reason(spectrum: Spectrum) -> str:
