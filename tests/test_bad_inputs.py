@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import sven.opt.eigen
 from sven import Sven, SvenWrapper
 from sven.jacobian import GramEngine, ParamSpace
+from sven.opt.regularized import RegularizedSolve
 
 ENGINES = ["gram", "functorch"]
 
@@ -300,3 +301,12 @@ def test_when_the_svd_fallback_fails_too_the_step_is_skipped(monkeypatch: pytest
     monkeypatch.setattr(sven.opt.eigen, "top_eigh", failing("eigh"))
     monkeypatch.setattr(torch.linalg, "svd", failing("svd"))
     assert_skipped_without_change(optimizer, make_batch(8, 3, 2), "its float64 SVD fallback failed too")
+
+
+def test_a_direction_whose_solve_fails_skips_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LinAlgError while a direction is built (here the regularised solve's) leaves everything as it was."""
+    model = make_mlp([3, 6, 2])
+    optimizer = Sven(SvenWrapper(model, per_sample_mse), rmsprop="post", momentum=0.5, fisher_decay=0.1)
+    optimizer.step(make_batch(8, 3, 2, seed=7))
+    monkeypatch.setattr(RegularizedSolve, "direction", failing("direction"))
+    assert_skipped_without_change(optimizer, make_batch(8, 3, 2), "the direction's solve failed (direction: simulated")

@@ -192,3 +192,20 @@ def test_a_zero_jacobian_with_coupled_decay_is_a_pure_shrink() -> None:
     optimizer.step((x, y))
     assert optimizer.last_step["skipped"] is False
     assert relative_error(flat_parameters(model), (1 - 0.5 * 1e-2 / (1e-2 + 1e-3)) * theta) <= 1e-12
+
+
+def test_the_eigh_root_replaces_a_cholesky_that_rounding_defeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """H = I + K has every eigenvalue ≥ 1; when its Cholesky fails (huge ‖K‖), the clamped symmetric root
+    gives the same minimiser (here Cholesky is made to fail on purpose)."""
+    model = make_mlp([3, 5, 2])
+    batch = make_batch(6, 3, 2)
+    residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_mse, batch, kappa=1.0)
+    theta = flat_parameters(model)
+    decay = column_values(model, 0.05, 0.0)
+    d = normal_equation_step(jacobian, residuals, theta, decay, 0.0, 0.3)
+    failing = lambda matrix: (matrix, torch.ones((), dtype=torch.int32))  # noqa: E731
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    optimizer = Sven(SvenWrapper(model, per_sample_mse, kappa=1.0), lr=LR, params=groups_of(model, 0.05, 0.0, 0.0),
+                     fisher_decay=0.3)
+    optimizer.step(batch)
+    assert relative_error(flat_parameters(model) - theta, LR * d) <= TOLERANCE

@@ -90,26 +90,58 @@ class RegularizedSolve(Spectrum):
                 penalised_gram += gram / (mu + value)
             else:
                 free_gram += gram
-        factor = torch.linalg.cholesky(identity + alpha * penalised_gram)
+        whitening = Whitening(identity + alpha * penalised_gram)
         target = alpha**0.5 * w
-        free_coeffs = self._free_coefficients(factor, alpha * free_gram, target)
-        q = torch.cholesky_solve((target - alpha * free_gram @ free_coeffs).unsqueeze(1), factor).squeeze(1)
+        free_coeffs = self._free_coefficients(whitening, alpha * free_gram, target)
+        q = whitening.solve(target - alpha * free_gram @ free_coeffs)
         back = op.rmatmul(torch.stack([free_coeffs, q], dim=1)).to(torch.float64)
         free = ~penalised
         step = alpha**0.5 * (free * back[:, 0] + inverse_penalty * back[:, 1]) + theta_shift
         return step.to(op.dtype)
 
     @staticmethod
-    def _free_coefficients(factor: Tensor, free_gram: Tensor, target: Tensor) -> Tensor:
-        """c_Z = L⁻ᵀ (L⁻¹ K_Z L⁻ᵀ)⁺ L⁻¹ target (rows,), zero when no column is free."""
+    def _free_coefficients(whitening: Whitening, free_gram: Tensor, target: Tensor) -> Tensor:
+        """c_Z = F⁻ᵀ (F⁻¹ K_Z F⁻ᵀ)⁺ F⁻¹ target (rows,) with H = F Fᵀ, zero when no column is free."""
         if not bool(free_gram.ne(0).any()):
             return torch.zeros_like(target)
-
-        def lower_solve(b: Tensor) -> Tensor:
-            return torch.linalg.solve_triangular(factor, b, upper=False)
-
-        whitened = lower_solve(lower_solve(free_gram).T)
+        whitened = whitening.inverse_factor(whitening.inverse_factor(free_gram).T)
         spectrum = gram_eigh((whitened + whitened.T) / 2, whitened.shape[0], 0.0)
-        projected = spectrum.u.T @ lower_solve(target.unsqueeze(1)).squeeze(1)
-        inner = spectrum.u @ (projected / spectrum.sigma**2)
-        return torch.linalg.solve_triangular(factor.T, inner.unsqueeze(1), upper=True).squeeze(1)
+        projected = spectrum.u.T @ whitening.inverse_factor(target)
+        return whitening.inverse_factor_transposed(spectrum.u @ (projected / spectrum.sigma**2))
+
+
+class Whitening:
+    """A factor F with H = F Fᵀ for H = I + K, K positive semi-definite (rows, rows) float64.
+
+    Cholesky; when rounding defeats it (‖K‖ far above 1: the backward error n·ε·‖H‖ exceeds H's
+    smallest eigenvalue, which is ≥ 1 exactly), the symmetric square root from ``eigh`` with the
+    eigenvalues clamped at 1, their exact lower bound.
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        self.lower: Tensor | None = factor if int(info) == 0 else None
+        if self.lower is None:
+            values, self.vectors = torch.linalg.eigh(matrix)
+            self.root = values.clamp(min=1.0).sqrt()
+
+    def inverse_factor(self, values: Tensor) -> Tensor:
+        """F⁻¹ b for b (rows,) or (rows, m)."""
+        columns = values if values.dim() == 2 else values.unsqueeze(1)
+        if self.lower is not None:
+            solved = torch.linalg.solve_triangular(self.lower, columns, upper=False)
+        else:
+            solved = self.vectors @ ((self.vectors.T @ columns) / self.root[:, None])
+        return solved if values.dim() == 2 else solved.squeeze(1)
+
+    def inverse_factor_transposed(self, values: Tensor) -> Tensor:
+        """F⁻ᵀ b for b (rows,) or (rows, m) (F⁻¹ b itself for the symmetric root)."""
+        if self.lower is None:
+            return self.inverse_factor(values)
+        columns = values if values.dim() == 2 else values.unsqueeze(1)
+        solved = torch.linalg.solve_triangular(self.lower.T, columns, upper=True)
+        return solved if values.dim() == 2 else solved.squeeze(1)
+
+    def solve(self, values: Tensor) -> Tensor:
+        """H⁻¹ b."""
+        return self.inverse_factor_transposed(self.inverse_factor(values))

@@ -226,7 +226,10 @@ class Sven(torch.optim.Optimizer):
             (self.momentum, settings.momentum) if settings.momentum else None,
             undoable=settings.searches,
         )
-        outcome = search_step(candidates, solved.spectrum, settings, self.current_damping, mean_loss)
+        try:
+            outcome = search_step(candidates, solved.spectrum, settings, self.current_damping, mean_loss)
+        except torch.linalg.LinAlgError as error:  # raised while building a direction: no try is left applied
+            return self._skip(f"the direction's solve failed ({str(error).splitlines()[0]})", state.losses)
         if outcome.failure is not None:
             return self._skip(outcome.failure, state.losses)
         self._commit(rmsprop.square_avg_after(outcome.update is not None),
