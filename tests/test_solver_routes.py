@@ -78,7 +78,10 @@ def test_auto_takes_lq_below_the_resolved_rtol_and_never_an_svd_of_m(case_name: 
     base = CASES[case_name]
     case = Case(base.sizes, base.batch_size, rtol=1e-8, duplicated=base.duplicated)
     spy = SolverSpy(monkeypatch)
-    step, optimizer = sven_step(case, torch.float64, "gram", "auto")
+    with pytest.warns(RuntimeWarning, match=r"undamped rtol=1e-08 .* takes 'lq'.* Pass damping > 0") as caught:
+        step, optimizer = sven_step(case, torch.float64, "gram", "auto")
+    rows, cols = reference_jacobian(case)[1].shape
+    assert any(f"the {rows} × {cols} Jacobian is materialised" in str(w.message) for w in caught)
     assert optimizer.last_step["svd_mode"] == "lq"
     smaller = min(reference_jacobian(case)[1].shape)
     assert spy.svd_shapes and all(shape == (smaller, smaller) for shape in spy.svd_shapes)

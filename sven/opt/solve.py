@@ -10,7 +10,7 @@ import torch
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.options import StepSettings
 from sven.opt.pinv import resolve_mode, truncated_spectrum
-from sven.opt.spectrum import Spectrum
+from sven.opt.spectrum import RESOLVED_MARGIN, Spectrum, eig_floor
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,18 @@ def smallest_damping(settings: StepSettings) -> float:
     return settings.schedule.minimum if settings.adaptive else settings.fixed_damping
 
 
+def lq_warning(shape: tuple[int, int], rtol: float) -> str:
+    """Why "auto" left the Gram route for "lq" on an M of ``shape`` (rows, cols), what it costs and what to use."""
+    rows, cols = shape
+    size = min(shape)
+    floor = RESOLVED_MARGIN * eig_floor(size)
+    megabytes = rows * cols * 8 / 1e6
+    return (f"Sven: undamped rtol={rtol:g} is below what the {size} × {size} Gram matrix resolves "
+            f"(rtol ≥ {floor:.1e}), so svd_mode 'auto' takes 'lq': the {rows} × {cols} Jacobian is materialised "
+            f"in float64 ({megabytes:.0f} MB) and factorised (2·{size}²·{max(shape)} flops), typically 50–200× the "
+            f"Gram step. Pass damping > 0 (any rtol then stays on the Gram route) or rtol ≥ {floor:.1e}.")
+
+
 def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator: torch.Generator | None
                    ) -> SolveOutcome:
     """Truncated spectrum of M (rows, cols) by ``settings.svd_mode``; an eigensolver failure falls back to "torch".
@@ -38,6 +50,8 @@ def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator
     damping = smallest_damping(settings)
     mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping,
                         1 if settings.variable_k else settings.k, settings.gram_memory)
+    if settings.svd_mode == "auto" and mode == "lq":
+        warnings.warn(lq_warning(operator.shape, settings.rtol), RuntimeWarning, stacklevel=4)
 
     def solve(name: str) -> Spectrum:
         return truncated_spectrum(operator, name, settings.k, settings.rtol, settings.solver_options, generator,
