@@ -87,6 +87,23 @@ def test_residual_options_that_cannot_work_are_refused(options: dict, message: s
         SvenWrapper(make_mlp([3, 6, 2]), **options)
 
 
+def test_vector_residuals_with_batch_statistics_are_refused_and_frozen_statistics_are_kept() -> None:
+    """The repeated batch would feed m·B samples to BatchNorm's running variance: refused before any pass."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 2)).double()
+    batch = make_batch(5, 3, 2)
+    statistics = model[1].running_var.clone()
+    with pytest.raises(ValueError, match=r"returned 2 residuals per sample.*1 \(BatchNorm1d\).*bn_mode='frozen'"):
+        SvenWrapper(model, residual_fn=vector_error).loss_and_grad(batch)
+    assert torch.equal(model[1].running_var, statistics)
+    frozen = SvenWrapper(model, residual_fn=vector_error, bn_mode="frozen")
+    losses, _ = frozen.loss_and_grad(batch)
+    assert losses.shape == (5,) and torch.equal(model[1].running_var, statistics)
+    model.eval()
+    losses, _ = SvenWrapper(model, residual_fn=vector_error).loss_and_grad(batch)
+    assert losses.shape == (5,) and torch.equal(model[1].running_var, statistics)
+
+
 @pytest.mark.parametrize("bad, received", [
     (lambda pred, target: (pred - target)[:3], r"\(3, 2\)"),
     (lambda pred, target: (pred - target)[..., None], r"\(5, 2, 1\)"),

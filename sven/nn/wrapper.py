@@ -180,6 +180,8 @@ class SvenWrapper:
         self.state = None
         columns = self.draw_columns()
         rows = self._rows_of(batch)
+        if rows is not None and rows.width > 1:
+            self._refuse_repeated_batch_statistics(rows.width)
         engine_loss, engine_batch = (self.loss_fn, batch) if rows is None else (rows.rows, rows.engine_batch(batch))
         with self.batchnorm.jacobian_pass() as statistics_before:
             values, preds, operator = self._jacobian(engine_loss, engine_batch, columns)
@@ -206,6 +208,18 @@ class SvenWrapper:
             width = residual_width(self.residual_fn(self.model(inputs), targets, *extra), targets.shape[0])
         self._residual_rows = ResidualRows(self.residual_fn, width)
         return self._residual_rows
+
+    def _refuse_repeated_batch_statistics(self, width: int) -> None:
+        """A (B, m) residual runs the batch repeated m times: BatchNorm layers normalising with batch statistics
+        would update their running variance with m·B samples; refused, naming the layers and the ways out."""
+        layers = self.batchnorm.batch_statistics_layers()
+        if layers:
+            raise ValueError(
+                f"residual_fn returned {width} residuals per sample; a (B, m) residual is differentiated on the batch "
+                f"repeated m times, so the BatchNorm layer(s) {', '.join(layers)} (bn_mode='batch', train mode) "
+                "would update their running variance with m·B samples. Use bn_mode='frozen', put those layers in "
+                "eval mode, or return residuals of shape (B,)"
+            )
 
     def _jacobian(self, loss_fn: Callable[..., Tensor], batch: tuple, columns: Tensor | None
                   ) -> tuple[Tensor, Tensor, JacobianOperator]:
