@@ -108,6 +108,11 @@ class GradientBlock(ABC):
         factors = [f for f in self.sample_factors() if f.is_floating_point()]
         return sum(f.reshape(f.shape[0], -1).sum(dim=1, dtype=torch.float64) for f in factors)
 
+    def factor_totals(self) -> list[Tensor]:
+        """0-d float64 sums of each floating-point factor over all samples: all finite only if every entry is
+        (one reduction per factor, no per-sample sums; ``sample_sums`` says which samples when one is not)."""
+        return [f.sum(dtype=torch.float64) for f in self.sample_factors() if f.is_floating_point()]
+
     def sample_factors(self) -> tuple[Tensor, ...]:
         """Tensors (B, …) that determine this block's per-sample gradients; by default the gradients themselves."""
         return tuple(self.per_sample())

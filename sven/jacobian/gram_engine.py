@@ -12,6 +12,7 @@ chunks of at most ``chunk_numel`` per-sample gradient entries (``sven.jacobian.f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,10 +104,15 @@ class GramJacobian(JacobianOperator):
         """Rows with a NaN or Inf among their blocks' sample factors (the Gram diagonal once it is formed)."""
         if "_cached_gram" in self.__dict__:
             return super().nonfinite_rows()
-        sums = [block.sample_sums() for block in self.blocks]
-        if bool(torch.isfinite(torch.stack([total.sum() for total in sums])).all()):
-            return torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
-        return ~torch.isfinite(torch.stack(sums)).all(dim=0)
+        return ~torch.isfinite(torch.stack([block.sample_sums() for block in self.blocks])).all(dim=0)
+
+    def all_rows_finite(self) -> bool:
+        """One sum per factor of every block and one sync (``GradientBlock.factor_totals``); the rows are
+        examined only when that total is not finite."""
+        if "_cached_gram" in self.__dict__:
+            return super().all_rows_finite()
+        totals = torch.stack([total for block in self.blocks for total in block.factor_totals()])
+        return math.isfinite(float(totals.sum())) or super().all_rows_finite()
 
     def masked_gram(self, columns: Tensor) -> Tensor:
         """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M."""
