@@ -48,6 +48,9 @@ class JacobianState:
 
 
 def _move(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it on ``device`` (a tensor directly, a container by its tree)."""
+    if isinstance(value, Tensor):
+        return value.to(device)
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, value)
 
 
