@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from sven.jacobian.blocks import GradientBlock
@@ -150,7 +151,8 @@ class GramEngine:
     """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch.
 
     ``chunk_numel`` bounds the per-sample gradient entries (samples × parameter entries)
-    the fallback holds at once.
+    the fallback holds at once. The model's modules are those it had when the engine was built
+    (the plan and the BatchNorm check rely on them).
     """
 
     def __init__(self, model: nn.Module, params: ParamSpace, chunk_numel: int = 1 << 22) -> None:
@@ -163,6 +165,7 @@ class GramEngine:
         self.fallback_names: list[str] = []
         trainable = {id(p) for p in params.tensors}
         self._name_of = {id(p): n for n, p in zip(params.names, params.tensors)}
+        self._has_batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())
         self._plan(model, "", trainable, self._name_of, batch_dim=0)
 
     def _plan(
@@ -212,7 +215,8 @@ class GramEngine:
 
     def compute(self, loss_fn: LossFn, batch: tuple) -> tuple[Tensor, Tensor, GramJacobian]:
         """Run the batch; return (losses (B,), predictions, GramJacobian (B, P))."""
-        check_no_batch_coupling(self.model)
+        if self._has_batch_norm:
+            check_no_batch_coupling(self.model)
         if self.fallback_names:
             self._check_no_active_dropout()
         inputs, targets, *extra = batch
