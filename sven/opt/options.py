@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
+from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
 
 from sven.opt.damping import DampingSchedule
@@ -34,7 +35,9 @@ class ParamGroupFields:
     """Settings stored field by field in torch's param groups."""
 
     @classmethod
+    @cache
     def names(cls) -> tuple[str, ...]:
+        """The field names, in order (computed once per class: ``Sven.settings`` reads them at every step)."""
         return tuple(field.name for field in fields(cls))
 
     @classmethod
