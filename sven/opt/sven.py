@@ -276,6 +276,8 @@ class Sven(torch.optim.Optimizer):
 
     def _per_param(self, name: str) -> list[float]:
         """The group setting ``name`` (lr, weight_decay, …) of each wrapped parameter, in ParamSpace order."""
+        if len(self.param_groups) == 1:
+            return [self.param_groups[0][name]] * len(self.wrapped.params.tensors)
         value_of = {id(p): group[name] for group in self.param_groups for p in group["params"]}
         return [value_of[id(p)] for p in self.wrapped.params.tensors]
 
