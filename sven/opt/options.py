@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
-from functools import cache
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 from sven.opt.damping import DampingSchedule
@@ -174,13 +174,15 @@ class StepSettings(ParamGroupFields):
         """λ of a non-adaptive step."""
         return 0.0 if self.adaptive else float(self.damping)
 
-    @property
+    @cached_property
     def schedule(self) -> DampingSchedule:
+        """The adaptive λ schedule, validated and built once per settings (``Sven.settings`` keeps them)."""
         return DampingSchedule(self.damping_increase, self.damping_decrease, self.damping_min, self.damping_max,
                                self.max_tries)
 
-    @property
+    @cached_property
     def solver_options(self) -> SolverOptions:
+        """The solvers' options, built once per settings."""
         return SolverOptions(self.oversampling, self.power_iterations, self.gram_memory)
 
 
