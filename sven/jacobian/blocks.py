@@ -184,18 +184,22 @@ class OuterProductBlock(GradientBlock):
         """rows ↦ those n rows of ``gram()``, (n, B) float64, with the float64 factors prepared once.
 
         Ghost form: temporaries (n·T, B·T); materialised form: the per-sample gradients (B, d_out·d_in) once.
+        All rows (``slice(None)``) take the factors themselves, without slicing them.
         """
         batch, tokens, _ = self.activations.shape
         if not self.uses_ghost_form:
             flat = torch.cat(self._flat_per_sample(), dim=1).to(torch.float64)
-            return lambda rows: flat[rows] @ flat.T
+            return lambda rows: (flat if rows == slice(None) else flat[rows]) @ flat.T
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
 
         def rows_of(rows: slice) -> Tensor:
-            chosen = slice(None) if rows == slice(None) else slice(rows.start * tokens, rows.stop * tokens)
-            grad_gram = grads[chosen] @ grads.T
-            gram = (acts[chosen] @ acts.T) * grad_gram
+            row_grads, row_acts = grads, acts
+            if rows != slice(None):
+                chosen = slice(rows.start * tokens, rows.stop * tokens)
+                row_grads, row_acts = grads[chosen], acts[chosen]
+            grad_gram = row_grads @ grads.T
+            gram = (row_acts @ acts.T) * grad_gram
             if self.bias is not None:
                 gram = gram + grad_gram
             if tokens > 1:
