@@ -64,7 +64,7 @@ def step_parts(wrapped: SvenWrapper, batch: Batch, names: dict[int, str], device
     """Seconds of each phase of one Sven step (no update applied) and of each layer's Gram and update shares."""
     times = {"loss_and_grad (forward + backprops + rules)": timed(lambda: wrapped.loss_and_grad(batch), device)}
     operator, residuals = wrapped.state.operator, wrapped.state.residuals
-    times["finite check (blocks' factors)"] = timed(operator.nonfinite_rows, device)
+    times["finite check (blocks' factors)"] = timed(operator.all_rows_finite, device)
     coeffs = torch.randn(operator.shape[0], dtype=operator.dtype)
     for block in operator.blocks:
         label = block_label(block, names)

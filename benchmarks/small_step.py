@@ -3,7 +3,8 @@
 The demo's MLP 1→16→16→16→1 (GELU, P = 593), B = 32, float32, one thread. Steps of the three
 optimizers are interleaved over the same batches and timed in process CPU time; the table gives
 medians over ``--repeats`` rounds and the ratio to Adam measured in the same round. ``--profile``
-adds where a Sven step's time goes (cProfile, cumulative, by part of the pipeline).
+adds where a Sven step's time goes (cProfile, cumulative, by part of the pipeline: parts nest, the search
+holds the re-evaluations and the update's finite check) and the torch operations one step dispatches.
 
     python benchmarks/small_step.py [--repeats 7] [--profile]
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sven.nn import SvenWrapper
 from sven.opt import Sven
@@ -31,6 +33,7 @@ PARTS = {
     "spectral solve": "solve.py:.*\\(solve_spectrum\\)",
     "step search (direction Mᵀc, apply)": "search.py:.*\\(search_step\\)",
     "re-evaluations of the batch loss": "wrapper.py:.*\\(batch_losses\\)",
+    "finite checks (losses, rows, update)": "checks.py:.*\\(all_finite\\)|gram_engine.py:.*\\(all_rows_finite\\)",
 }
 
 
@@ -86,6 +89,26 @@ def profile_parts(step: Callable, data: list) -> dict[str, float]:
     return parts
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the torch operations (aten calls, views included) dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> object:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(step: Callable, data: list) -> float:
+    """Torch operations one step dispatches, averaged over ``data``."""
+    with OpCounter() as counter:
+        for batch in data:
+            step(batch)
+    return counter.count / len(data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -109,6 +132,8 @@ def main() -> None:
     for name in step:
         print(f"| {name} | {1e6 * statistics.median(rounds[name]):.0f} | {statistics.median(ratios[name]):.2f} |")
     if args.profile:
+        counts = ", ".join(f"{name} {ops_per_step(step[name], data[:20]):.0f}" for name in step)
+        print(f"\ntorch operations per step (TorchDispatchMode): {counts}")
         for name in ("sven", "sven-damped"):
             print(f"\nwhere a {name} step's time goes (cProfile, µs per step, cumulative):")
             for label, seconds in profile_parts(step[name], data).items():

@@ -9,6 +9,7 @@ give the dense float64 reference step.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 import sven.opt.eigen
 from sven import Sven, SvenWrapper
-from sven.jacobian import GramEngine, ParamSpace
+from sven.jacobian import GramEngine, ParamSpace, all_finite
 from sven.opt.regularized import RegularizedSolve
 
 ENGINES = ["gram", "functorch"]
@@ -68,6 +69,20 @@ def test_non_finite_losses_or_inputs_skip_the_step(engine: str, where: str, valu
     (y if where == "target" else x)[3, 0] = value
     assert_skipped_without_change(optimizer, (x, y), "1 of 8 samples have a non-finite loss or Jacobian row")
     assert optimizer.last_step["bad_samples"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_matches_the_entrywise_test(dtype: torch.dtype) -> None:
+    """One sum decides for finite tensors; a sum that overflows on finite entries falls back to the entrywise test."""
+    largest = torch.finfo(dtype).max
+    cases = {"finite": torch.randn(5, 4, dtype=dtype), "overflowing sum": torch.full((3,), largest, dtype=dtype)}
+    for value in (float("nan"), float("inf"), -float("inf")):
+        cases[f"one {value}"] = torch.randn(5, 4, dtype=dtype).index_put_((torch.tensor(3), torch.tensor(1)),
+                                                                         torch.tensor(value, dtype=dtype))
+    cases["inf and -inf"] = torch.tensor([float("inf"), -float("inf")], dtype=dtype)
+    assert not math.isfinite(float(cases["overflowing sum"].sum()))
+    for name, tensor in cases.items():
+        assert all_finite(tensor) == bool(torch.isfinite(tensor).all()), name
 
 
 def mse_with_nan_gradient_where_scale_is_zero(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:

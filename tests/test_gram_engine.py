@@ -281,6 +281,25 @@ def test_operator_matches_the_dense_reference(case_name: str) -> None:
     assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("case_name", ["mlp", "conv2d", "custom_layer", "shared_weights", "shared_embedding"])
+def test_finite_checks_match_the_dense_reference(case_name: str, value: float) -> None:
+    """``all_rows_finite`` (one sum per factor) and ``nonfinite_rows`` against the rows of the dense Jacobian,
+    clean and with a NaN or Inf target in sample 2 (so NaN or Inf backprops in that sample's factors). Each
+    reference row is the Jacobian of its sample alone (a batched jacrev spreads a NaN through 0·NaN)."""
+    model, (x, y) = CASES[case_name].model_and_batch(torch.float64)
+    _, _, clean = engine_operator(model, (x, y))
+    assert clean.all_rows_finite() and not bool(clean.nonfinite_rows().any())
+    y[2] = value
+    _, _, operator = engine_operator(model, (x, y))
+    rows = [reference_residuals_and_jacobian(model, per_sample_squared_error, (x[i:i + 1], y[i:i + 1]))[1]
+            for i in range(y.shape[0])]
+    expected = torch.tensor([not bool(torch.isfinite(row).all()) for row in rows])
+    assert expected.tolist() == [i == 2 for i in range(len(expected))]
+    assert not operator.all_rows_finite()
+    assert torch.equal(operator.nonfinite_rows(), expected)
+
+
 @pytest.mark.parametrize("chunk_numel", [1, 12, 30, 1 << 22],
                          ids=["one_sample_groups", "sample_pairs", "one_chunk_per_parameter", "one_chunk"])
 def test_fallback_chunks_match_the_dense_reference(chunk_numel: int) -> None:

@@ -1,7 +1,7 @@
 """Jacobian engines and the linear-operator interface they share."""
 
 from sven.jacobian.blocks import GradientBlock, MaterializedBlock, OuterProductBlock
-from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
+from sven.jacobian.checks import all_finite, check_no_batch_coupling, check_per_sample_losses
 from sven.jacobian.coupled import coupled_jacobian
 from sven.jacobian.functorch_engine import functorch_jacobian, per_sample_loss_grads
 from sven.jacobian.gram_engine import GramEngine, GramJacobian
@@ -22,6 +22,7 @@ __all__ = [
     "OuterProductBlock",
     "ParamSpace",
     "RowTransformedJacobian",
+    "all_finite",
     "check_no_batch_coupling",
     "check_per_sample_losses",
     "coupled_jacobian",

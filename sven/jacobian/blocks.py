@@ -108,6 +108,11 @@ class GradientBlock(ABC):
         factors = [f for f in self.sample_factors() if f.is_floating_point()]
         return sum(f.reshape(f.shape[0], -1).sum(dim=1, dtype=torch.float64) for f in factors)
 
+    def factor_totals(self) -> list[Tensor]:
+        """0-d float64 sums of each floating-point factor over all samples: all finite only if every entry is
+        (one reduction per factor, no per-sample sums; ``sample_sums`` says which samples when one is not)."""
+        return [f.sum(dtype=torch.float64) for f in self.sample_factors() if f.is_floating_point()]
+
     def sample_factors(self) -> tuple[Tensor, ...]:
         """Tensors (B, …) that determine this block's per-sample gradients; by default the gradients themselves."""
         return tuple(self.per_sample())
@@ -179,18 +184,22 @@ class OuterProductBlock(GradientBlock):
         """rows ↦ those n rows of ``gram()``, (n, B) float64, with the float64 factors prepared once.
 
         Ghost form: temporaries (n·T, B·T); materialised form: the per-sample gradients (B, d_out·d_in) once.
+        All rows (``slice(None)``) take the factors themselves, without slicing them.
         """
         batch, tokens, _ = self.activations.shape
         if not self.uses_ghost_form:
             flat = torch.cat(self._flat_per_sample(), dim=1).to(torch.float64)
-            return lambda rows: flat[rows] @ flat.T
+            return lambda rows: (flat if rows == slice(None) else flat[rows]) @ flat.T
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
 
         def rows_of(rows: slice) -> Tensor:
-            chosen = slice(None) if rows == slice(None) else slice(rows.start * tokens, rows.stop * tokens)
-            grad_gram = grads[chosen] @ grads.T
-            gram = (acts[chosen] @ acts.T) * grad_gram
+            row_grads, row_acts = grads, acts
+            if rows != slice(None):
+                chosen = slice(rows.start * tokens, rows.stop * tokens)
+                row_grads, row_acts = grads[chosen], acts[chosen]
+            grad_gram = row_grads @ grads.T
+            gram = (row_acts @ acts.T) * grad_gram
             if self.bias is not None:
                 gram = gram + grad_gram
             if tokens > 1:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -16,6 +19,12 @@ def losses_shape_error(shape: tuple[int, ...], batch_size: int) -> ValueError:
     return ValueError(
         f"loss_fn must return per-sample losses: got shape {shape}; expected (B,) = ({batch_size},): {hint}"
     )
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of ``tensor`` (any shape) is finite: one sum and one sync, since a NaN or Inf
+    makes the sum NaN or Inf; the entrywise test runs only when the sum is not finite (it may overflow)."""
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def check_per_sample_losses(losses: Tensor, batch_size: int) -> Tensor:

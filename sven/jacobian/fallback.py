@@ -93,6 +93,10 @@ class RecomputedBlock(GradientBlock):
         """The Gram diagonal ‖g_i‖² (B,): non-finite exactly where a gradient is (bounded memory, computed once)."""
         return self.gram().diagonal()
 
+    def factor_totals(self) -> list[Tensor]:
+        """The trace of its Gram matrix (its per-sample gradients are not kept as factors)."""
+        return [self.sample_sums().sum()]
+
     def gram(self) -> Tensor:
         return self._gram
 

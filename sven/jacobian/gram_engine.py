@@ -12,6 +12,7 @@ chunks of at most ``chunk_numel`` per-sample gradient entries (``sven.jacobian.f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from sven.jacobian.blocks import GradientBlock
@@ -103,10 +105,15 @@ class GramJacobian(JacobianOperator):
         """Rows with a NaN or Inf among their blocks' sample factors (the Gram diagonal once it is formed)."""
         if "_cached_gram" in self.__dict__:
             return super().nonfinite_rows()
-        sums = [block.sample_sums() for block in self.blocks]
-        if bool(torch.isfinite(torch.stack([total.sum() for total in sums])).all()):
-            return torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
-        return ~torch.isfinite(torch.stack(sums)).all(dim=0)
+        return ~torch.isfinite(torch.stack([block.sample_sums() for block in self.blocks])).all(dim=0)
+
+    def all_rows_finite(self) -> bool:
+        """One sum per factor of every block and one sync (``GradientBlock.factor_totals``); the rows are
+        examined only when that total is not finite."""
+        if "_cached_gram" in self.__dict__:
+            return super().all_rows_finite()
+        totals = torch.stack([total for block in self.blocks for total in block.factor_totals()])
+        return math.isfinite(float(totals.sum())) or super().all_rows_finite()
 
     def masked_gram(self, columns: Tensor) -> Tensor:
         """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M."""
@@ -144,7 +151,8 @@ class GramEngine:
     """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch.
 
     ``chunk_numel`` bounds the per-sample gradient entries (samples × parameter entries)
-    the fallback holds at once.
+    the fallback holds at once. The model's modules are those it had when the engine was built
+    (the plan and the BatchNorm check rely on them).
     """
 
     def __init__(self, model: nn.Module, params: ParamSpace, chunk_numel: int = 1 << 22) -> None:
@@ -157,6 +165,7 @@ class GramEngine:
         self.fallback_names: list[str] = []
         trainable = {id(p) for p in params.tensors}
         self._name_of = {id(p): n for n, p in zip(params.names, params.tensors)}
+        self._has_batch_norm = any(isinstance(module, _BatchNorm) for module in model.modules())
         self._plan(model, "", trainable, self._name_of, batch_dim=0)
 
     def _plan(
@@ -206,7 +215,8 @@ class GramEngine:
 
     def compute(self, loss_fn: LossFn, batch: tuple) -> tuple[Tensor, Tensor, GramJacobian]:
         """Run the batch; return (losses (B,), predictions, GramJacobian (B, P))."""
-        check_no_batch_coupling(self.model)
+        if self._has_batch_norm:
+            check_no_batch_coupling(self.model)
         if self.fallback_names:
             self._check_no_active_dropout()
         inputs, targets, *extra = batch

@@ -14,6 +14,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from sven.jacobian.checks import all_finite
+
 
 class JacobianOperator(ABC):
     """A linear operator over a Jacobian M of shape (rows, cols)."""
@@ -72,6 +74,10 @@ class JacobianOperator(ABC):
     def nonfinite_rows(self) -> Tensor:
         """Boolean mask (rows,): rows of M holding a NaN or Inf."""
         return ~torch.isfinite(self.gram().diagonal())
+
+    def all_rows_finite(self) -> bool:
+        """Whether no row of M holds a NaN or Inf (``nonfinite_rows`` says which); factored operators test cheaper."""
+        return not bool(self.nonfinite_rows().any())
 
 
 class DenseJacobian(JacobianOperator):
@@ -173,6 +179,10 @@ class RowTransformedJacobian(JacobianOperator):
 
     def dense(self) -> Tensor:
         return self._left(self.base.dense()).to(self.dtype)
+
+    def all_rows_finite(self) -> bool:
+        """A finite R and a finite base prove it (one sum each); the rows are examined only when not."""
+        return (self.base.all_rows_finite() and all_finite(self.row_map)) or super().all_rows_finite()
 
     def nonfinite_rows(self) -> Tensor:
         if self.diagonal:

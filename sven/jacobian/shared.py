@@ -78,7 +78,13 @@ class SharedParameterBlock(GradientBlock):
 
 
 def merge_shared(blocks: list[GradientBlock]) -> list[GradientBlock]:
-    """``blocks`` with every group of blocks linked by common parameters replaced by one SharedParameterBlock."""
+    """``blocks`` with every group of blocks linked by common parameters replaced by one SharedParameterBlock.
+
+    ``blocks`` itself when no parameter is in two of them (one set of ids instead of the pairwise search).
+    """
+    ids = [id(p) for block in blocks for p in block.params]
+    if len(set(ids)) == len(ids):
+        return blocks
     groups: list[list[GradientBlock]] = []
     for block in blocks:
         ids = {id(p) for p in block.params}

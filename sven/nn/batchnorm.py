@@ -64,7 +64,10 @@ class BatchNormPolicy:
         """The step's forward. "batch": train-mode layers update their running statistics (this
         forward is the step's only one); "frozen": eval behaviour. Yields the statistics as they
         were before the pass, for ``restore()`` when the step is to change nothing; an error in the
-        pass restores them itself."""
+        pass restores them itself. A model without BatchNorm layers passes straight through."""
+        if not self.layers:
+            yield StatisticsSnapshot([])
+            return
         updating = [
             m for _, m in self.layers
             if self.mode == "batch" and m.training and m.track_running_stats and m.running_mean is not None
@@ -82,6 +85,9 @@ class BatchNormPolicy:
     @contextmanager
     def loss_pass(self) -> Iterator[None]:
         """A re-evaluation: the same statistics as ``jacobian_pass``, and no running statistic written."""
+        if not self.layers:
+            yield
+            return
         with self._restoring_flags():
             if self.mode == "frozen":
                 self._use_running_statistics()

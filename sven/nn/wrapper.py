@@ -16,6 +16,7 @@ from sven.jacobian import (
     JacobianOperator,
     ParamSpace,
     RowTransformedJacobian,
+    all_finite,
     check_no_batch_coupling,
     check_per_sample_losses,
     coupled_jacobian,
@@ -47,6 +48,9 @@ class JacobianState:
 
 
 def _move(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it on ``device`` (a tensor directly, a container by its tree)."""
+    if isinstance(value, Tensor):
+        return value.to(device)
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, value)
 
 
@@ -185,7 +189,7 @@ class SvenWrapper:
         engine_loss, engine_batch = (self.loss_fn, batch) if rows is None else (rows.rows, rows.engine_batch(batch))
         with self.batchnorm.jacobian_pass() as statistics_before:
             values, preds, operator = self._jacobian(engine_loss, engine_batch, columns)
-        if not bool(torch.isfinite(values).all()):
+        if not all_finite(values):
             statistics_before.restore()  # Sven skips this step: it must leave the running statistics alone too
         if rows is None:
             losses = values

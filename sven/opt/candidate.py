@@ -74,8 +74,8 @@ class CandidateSteps:
             param.copy_(saved)
 
     def step_norm(self, update: Tensor) -> float:
-        """‖Δθ‖ = ‖lr_g · b‖ of an update."""
+        """‖Δθ‖ = ‖lr_g · b‖ of an update (``vector_norm``: the kernel of ``Tensor.norm`` without its Python layer)."""
         if len(set(self.lr_per_param)) == 1:
-            return abs(self.lr_per_param[0]) * float(update.to(torch.float64).norm())
+            return abs(self.lr_per_param[0]) * float(torch.linalg.vector_norm(update.to(torch.float64)))
         lr_flat = self.wrapped.params.per_entry(self.lr_per_param, self.columns, update.device)
-        return float((update.to(torch.float64) * lr_flat).norm())
+        return float(torch.linalg.vector_norm(update.to(torch.float64) * lr_flat))

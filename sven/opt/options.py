@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 from sven.opt.damping import DampingSchedule
@@ -34,7 +35,9 @@ class ParamGroupFields:
     """Settings stored field by field in torch's param groups."""
 
     @classmethod
+    @cache
     def names(cls) -> tuple[str, ...]:
+        """The field names, in order (computed once per class: ``Sven.settings`` reads them at every step)."""
         return tuple(field.name for field in fields(cls))
 
     @classmethod
@@ -171,13 +174,15 @@ class StepSettings(ParamGroupFields):
         """λ of a non-adaptive step."""
         return 0.0 if self.adaptive else float(self.damping)
 
-    @property
+    @cached_property
     def schedule(self) -> DampingSchedule:
+        """The adaptive λ schedule, validated and built once per settings (``Sven.settings`` keeps them)."""
         return DampingSchedule(self.damping_increase, self.damping_decrease, self.damping_min, self.damping_max,
                                self.max_tries)
 
-    @property
+    @cached_property
     def solver_options(self) -> SolverOptions:
+        """The solvers' options, built once per settings."""
         return SolverOptions(self.oversampling, self.power_iterations, self.gram_memory)
 
 

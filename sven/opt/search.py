@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from sven.jacobian.checks import all_finite
 from sven.opt.candidate import CandidateSteps
 from sven.opt.damping import search_damping
 from sven.opt.options import StepSettings
@@ -44,7 +44,7 @@ def search_step(candidates: CandidateSteps, spectrum: Spectrum, settings: StepSe
     if settings.variable_k:
         spectrum = greedy_spectrum(candidates, spectrum, fixed)
     update = candidates.update(spectrum, fixed)
-    if not bool(torch.isfinite(update).all()):
+    if not all_finite(update):
         return SearchOutcome(None, spectrum, failure="the solver returned a non-finite direction")
     if settings.line_search:
         return backtracking_step(candidates, spectrum, update, settings.max_tries, fixed, mean_loss)
@@ -59,7 +59,7 @@ def adaptive_step(candidates: CandidateSteps, spectrum: Spectrum, settings: Step
 
     def try_step(damping: float) -> bool:
         tried.append(candidates.update(spectrum, damping))
-        if bool(torch.isfinite(tried[-1]).all()) and candidates.loss_after(tried[-1]) < mean_loss:
+        if all_finite(tried[-1]) and candidates.loss_after(tried[-1]) < mean_loss:
             return True
         candidates.undo()
         return False

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sven.jacobian.checks import all_finite
 from sven.jacobian.operator import JacobianOperator
 from sven.nn.wrapper import JacobianState, SvenWrapper
 from sven.opt.candidate import CandidateSteps
@@ -207,8 +208,8 @@ class Sven(torch.optim.Optimizer):
     def _step(self, state: JacobianState, settings: StepSettings) -> Tensor:
         """Check, scale columns, solve once, search the update, apply it, keep the buffers, report."""
         started = time.perf_counter()
-        bad = ~torch.isfinite(state.residuals) | state.operator.nonfinite_rows()
-        if bool(bad.any()):
+        if not (all_finite(state.residuals) and state.operator.all_rows_finite()):
+            bad = ~torch.isfinite(state.residuals) | state.operator.nonfinite_rows()
             return self._skip(f"{int(bad.sum())} of {bad.numel()} samples have a non-finite loss or Jacobian row",
                               state.losses, int(bad.sum()))
         rmsprop = rmsprop_step(settings.rmsprop, state.operator, self.square_avg, self.wrapped.params.size,
@@ -275,6 +276,8 @@ class Sven(torch.optim.Optimizer):
 
     def _per_param(self, name: str) -> list[float]:
         """The group setting ``name`` (lr, weight_decay, …) of each wrapped parameter, in ParamSpace order."""
+        if len(self.param_groups) == 1:
+            return [self.param_groups[0][name]] * len(self.wrapped.params.tensors)
         value_of = {id(p): group[name] for group in self.param_groups for p in group["params"]}
         return [value_of[id(p)] for p in self.wrapped.params.tensors]
 

@@ -34,9 +34,9 @@ class GramRule:
     def __call__(self, layer: nn.Module, inputs: Any, backprops: Tensor, batch_dim: int = 0) -> list[GradientBlock]:
         """The call's blocks; a first-input rule gets the samples (on ``batch_dim`` in the call) on dim 0,
         an ``all_inputs`` rule reads the call as it was (its layer knows its own layout)."""
-        if self.all_inputs:
-            return self.blocks(layer, inputs, backprops)
-        return self.blocks(layer, inputs.movedim(batch_dim, 0), backprops.movedim(batch_dim, 0))
+        if batch_dim != 0 and not self.all_inputs:
+            inputs, backprops = inputs.movedim(batch_dim, 0), backprops.movedim(batch_dim, 0)
+        return self.blocks(layer, inputs, backprops)
 
 
 _RULES: dict[type[nn.Module], GramRule] = {}
