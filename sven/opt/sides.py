@@ -42,7 +42,7 @@ class Side(ABC):
     @property
     @abstractmethod
     def tall(self) -> Tensor:
-        """Mᵀ or M, whichever has n columns, in the operator's dtype: its right singular vectors are this side's."""
+        """Mᵀ or M, whichever has n columns: its right singular vectors are this side's."""
 
     @abstractmethod
     def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
@@ -102,7 +102,8 @@ class ColumnSide(Side):
 
     @property
     def tall(self) -> Tensor:
-        return self.op.dense()
+        """M itself, float64: the one materialisation the step's direction reuses (``dense64``)."""
+        return self.dense64
 
     def transposed_product(self, residuals: Tensor) -> Tensor:
         """Mᵀ r (cols,) float64 for r (rows,)."""
