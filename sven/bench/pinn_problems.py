@@ -56,13 +56,13 @@ class PinnProblem:
             layers.append(nn.Linear(d_in, d_out))
         return CollocationResidual(nn.Sequential(*layers).to(DTYPE), self.operator, self.laplacian_dims)
 
-    def data(self, seed: int) -> CollocationData:
-        """900 interior and 120 boundary points and 9000 held-out points, uniform, drawn from ``seed``."""
+    def data(self, seed: int, interior: int = INTERIOR_POINTS, boundary: int = BOUNDARY_POINTS) -> CollocationData:
+        """``interior`` and ``boundary`` points (900 and 120) and 9000 held-out points, uniform, drawn from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
-        inside = torch.rand(INTERIOR_POINTS, 2, generator=generator, dtype=DTYPE)
-        edge = self.boundary(BOUNDARY_POINTS, generator)
+        inside = torch.rand(interior, 2, generator=generator, dtype=DTYPE)
+        edge = self.boundary(boundary, generator)
         x = torch.cat([inside, edge])
-        on_boundary = torch.arange(x.shape[0]) >= INTERIOR_POINTS
+        on_boundary = torch.arange(x.shape[0]) >= interior
         target = torch.where(on_boundary, self.boundary_value(x), self.source(x))
         eval_x = torch.rand(EVAL_POINTS, 2, generator=generator, dtype=DTYPE)
         return CollocationData((x, target, condition_weights(on_boundary), on_boundary), eval_x,

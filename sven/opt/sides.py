@@ -2,7 +2,8 @@
 
 Rows ≤ cols: the Gram matrix M Mᵀ (rows × rows) — eigenvectors are U, σ = √λ, V is never formed
 (the step is Mᵀ c through ``op.rmatmul``). Rows > cols: Mᵀ M (cols × cols) from the materialised
-M (rows·cols ≤ rows² is then small) — eigenvectors are V, U = M V / σ. Either way σ is squared, so an
+M (rows·cols ≤ rows² is then small) — eigenvectors are V, and U = M V / σ is never formed either (the step
+is V diag(1/(σ² + λ)) Vᵀ Mᵀ r, ``ColumnSpectrum``). Either way σ is squared, so an
 undamped cut never goes below ``eig_floor`` of the side's size (``squared_floor``). When nothing is
 cut, either side is solved by Cholesky instead (``Side.certified``).
 """
@@ -10,6 +11,7 @@ cut, either side is solved by Cholesky instead (``Side.certified``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -40,11 +42,11 @@ class Side(ABC):
     @property
     @abstractmethod
     def tall(self) -> Tensor:
-        """Mᵀ or M, whichever has n columns, in the operator's dtype: its right singular vectors are this side's."""
+        """Mᵀ or M, whichever has n columns: its right singular vectors are this side's."""
 
     @abstractmethod
     def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
-                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+                 sigma_all: Tensor | None = None, damped: bool = False) -> Spectrum:
         """M's truncated spectrum from singular values ``sigma`` (m,) and this side's vectors (n, m).
 
         ``damped``: every step from it uses a λ that resolves (``squared_floor`` is 0), so σ = 0 directions
@@ -56,7 +58,7 @@ class Side(ABC):
         """M's spectrum when ``certificate`` proves that ``matrix`` has no σ below the cut: a Cholesky solve."""
 
     def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor, k: int, rtol: float,
-                       damping: float) -> TruncatedSpectrum:
+                       damping: float) -> Spectrum:
         """M's truncated spectrum from eigenpairs of ``matrix``: σ = √λ, cut at ``squared_floor`` or above.
 
         ``eigenvalues`` (n',) ascending, the last m belonging to ``eigenvectors`` (n, m); ``damping``:
@@ -100,17 +102,43 @@ class ColumnSide(Side):
 
     @property
     def tall(self) -> Tensor:
-        return self.op.dense()
+        """M itself, float64: the one materialisation the step's direction reuses (``dense64``)."""
+        return self.dense64
+
+    def transposed_product(self, residuals: Tensor) -> Tensor:
+        """Mᵀ r (cols,) float64 for r (rows,)."""
+        return self.dense64.T @ residuals.to(torch.float64)
 
     def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
-                 sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
+                 sigma_all: Tensor | None = None, damped: bool = False) -> ColumnSpectrum:
         """U = M V / σ needs σ > 0: zeros are dropped even when damped (they weigh σ/(σ² + λ) = 0)."""
         right = truncate(vectors, sigma, None, k, rtol, floor, sigma_all)
-        left = self.dense64 @ right.u / right.sigma
-        return TruncatedSpectrum(left, right.sigma, right.u, right.sigma_all, right.rtol_used)
+        return ColumnSpectrum(self, right.u, right.sigma, right.sigma_all, right.rtol_used)
 
     def certified(self, certificate: GramCertificate, rtol: float, floor: float) -> Spectrum:
         return CertifiedColumnSpectrum(self, certificate, rtol, floor)
+
+
+@dataclass
+class ColumnSpectrum(Spectrum):
+    """M's kept spectrum from the right singular vectors ``v`` (cols, r) and σ > 0 (r,), float64.
+
+    M⁺r = V diag(σ/(σ² + λ)) Uᵀ r with U = M V / σ is V diag(1/(σ² + λ)) Vᵀ (Mᵀ r): one product Mᵀ r
+    (rows·cols) instead of forming U (rows·cols·r).
+    """
+
+    side: ColumnSide
+    v: Tensor
+    sigma: Tensor
+    sigma_all: Tensor
+    rtol_used: float
+
+    def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
+        projected = self.v.T @ self.side.transposed_product(residuals)
+        return (self.v @ (projected / (self.sigma**2 + damping))).to(op.dtype)
+
+    def leading(self, rank: int) -> ColumnSpectrum:
+        return ColumnSpectrum(self.side, self.v[:, :rank], self.sigma[:rank], self.sigma_all, self.rtol_used)
 
 
 class CertifiedColumnSpectrum(CertifiedGramSpectrum):
@@ -124,14 +152,14 @@ class CertifiedColumnSpectrum(CertifiedGramSpectrum):
         self.side = side
 
     @cached_property
-    def eigen(self) -> TruncatedSpectrum:
-        """The eigh route's spectrum of Mᵀ M (V, and U = M V / σ)."""
+    def eigen(self) -> ColumnSpectrum:
+        """The eigh route's spectrum of Mᵀ M."""
         eigenvalues, vectors = torch.linalg.eigh(self.gram)
         return self.side.spectrum(eigenvalues.clamp(min=0).sqrt(), vectors, self.gram.shape[0], self.rtol,
                                   self.floor)
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        return self.solve(self.side.dense64.T @ residuals.to(torch.float64), damping).to(op.dtype)
+        return self.solve(self.side.transposed_product(residuals), damping).to(op.dtype)
 
 
 def smaller_side(op: JacobianOperator) -> Side:

@@ -221,7 +221,7 @@ class CertifiedGramSpectrum(Spectrum):
     def rank_kept(self) -> int:
         return self.gram.shape[0]
 
-    def leading(self, rank: int) -> TruncatedSpectrum:
+    def leading(self, rank: int) -> Spectrum:
         return self.eigen.leading(rank)
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:

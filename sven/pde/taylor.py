@@ -30,9 +30,12 @@ class Derivatives:
 
 @dataclass(frozen=True)
 class _Streams:
-    value: Tensor  # (B, w)
+    """The three streams with the token dimension kept, so that splitting and joining them stays cheap in
+    autograd (a split's backward is one concatenation; a slice's allocates and fills a zero tensor)."""
+
+    value: Tensor  # (B, 1, w)
     gradient: Tensor  # (B, d, w)
-    laplacian: Tensor  # (B, w)
+    laplacian: Tensor  # (B, 1, w)
 
 
 def _linear(layer: nn.Linear, streams: _Streams) -> _Streams:
@@ -44,12 +47,11 @@ def _linear(layer: nn.Linear, streams: _Streams) -> _Streams:
     sums a Linear Gram rule forms (bias: Σ_t g_t, weight: Σ_t g_t a_tᵀ) equal the true
     per-sample gradients.
     """
-    value = streams.value[:, None]
-    zeros = torch.zeros_like(value)
-    tokens = layer(torch.cat([value, streams.gradient, streams.laplacian[:, None], zeros], dim=1))
     dims = streams.gradient.shape[1]
-    derivatives = tokens[:, 1:dims + 2] - tokens[:, dims + 2:dims + 3]
-    return _Streams(tokens[:, 0], derivatives[:, :dims], derivatives[:, dims])
+    tokens = layer(torch.cat([streams.value, streams.gradient, streams.laplacian, torch.zeros_like(streams.value)],
+                             dim=1))
+    value, gradient, laplacian, bias = tokens.split([1, dims, 1, 1], dim=1)
+    return _Streams(value, gradient - bias, laplacian - bias)
 
 
 def _activation(module: nn.Module, streams: _Streams, dims: Tensor | None) -> _Streams:
@@ -57,8 +59,8 @@ def _activation(module: nn.Module, streams: _Streams, dims: Tensor | None) -> _S
     rule = activation_rule(module)
     value, first, second = rule(module, streams.value)
     chosen = streams.gradient if dims is None else streams.gradient.index_select(1, dims)
-    squares = (chosen * chosen).sum(dim=1)
-    return _Streams(value, first[:, None] * streams.gradient, first * streams.laplacian + second * squares)
+    squares = (chosen * chosen).sum(dim=1, keepdim=True)
+    return _Streams(value, first * streams.gradient, first * streams.laplacian + second * squares)
 
 
 def _check_network(net: nn.Module) -> None:
@@ -100,7 +102,7 @@ def derivatives(net: nn.Sequential, x: Tensor, laplacian_dims: Sequence[int] | N
     batch, dims = x.shape
     index = _laplacian_index(laplacian_dims, dims, x.device)
     eye = torch.eye(dims, dtype=x.dtype, device=x.device)
-    streams = _Streams(x, eye.expand(batch, dims, dims), x.new_zeros(batch, dims))
+    streams = _Streams(x[:, None], eye.expand(batch, dims, dims), x.new_zeros(batch, 1, dims))
     for module in net:
         streams = _linear(module, streams) if isinstance(module, nn.Linear) else _activation(module, streams, index)
-    return Derivatives(streams.value, streams.gradient.transpose(1, 2), streams.laplacian)
+    return Derivatives(streams.value[:, 0], streams.gradient.transpose(1, 2), streams.laplacian[:, 0])

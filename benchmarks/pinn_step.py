@@ -1,0 +1,119 @@
+"""Step time of Sven on a PDE residual: the Gram engine against engine="functorch", B = 1024.
+
+    python benchmarks/pinn_step.py [--rounds 31]
+
+Poisson 2-D of the PINN benchmark (``sven.bench.pinn_problems.poisson2d``: tanh 2→64→1, P = 257, float64,
+input derivatives by ``sven.pde``), B = 1024 collocation points (904 interior, 120 boundary), one thread.
+Residual forms: kappa = 1 on the squared residual w·r² (what the PINN benchmark steps) and kappa = 2 on the
+signed residual √w·r (the same Gauss–Newton step). Solve routes (rows 1024 > P: the P × P side Mᵀ M):
+rtol = 1e-3 (the spectrum is cut: eigh), λ = 1e-2 with rtol = 0 (nothing is cut: Cholesky) and the PINN
+benchmark's setting (rtol = 1e-8, line_search: "auto" takes "lq").
+Each round restores the same parameters before every step and times loss_and_grad, then step(), of both
+engines in turn (which one goes first alternates), in process CPU time; the table gives medians over the
+rounds and gram / functorch of the whole step (loss_and_grad + step()) as the median of the per-round ratios.
+Both engines' steps are compared (relative difference).
+Writes benchmarks/results/pinn_step_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector
+
+from sven.bench.pinn_problems import poisson2d
+from sven.bench.pinn_steppers import signed_residuals
+from sven.bench.results import environment, load_average, write_json
+from sven.nn import SvenWrapper
+from sven.opt import Sven
+from sven.pde import condition_losses
+
+ENGINES = ("gram", "functorch")
+FORMS = {"kappa=1 w·r²": (condition_losses, 1.0), "kappa=2 √w·r": (signed_residuals, 2.0)}
+ROUTES = {
+    "rtol 1e-3 (eigh)": {"rtol": 1e-3},
+    "λ 1e-2, rtol 0 (Cholesky)": {"rtol": 0.0, "damping": 1e-2},
+    "rtol 1e-8, line_search (lq)": {"rtol": 1e-8, "line_search": True, "max_tries": 30},
+}
+RESULT = Path(__file__).parent / "results" / "pinn_step_cpu.json"
+
+
+class TimedStep:
+    """One engine, residual form and route on its own wrapper and optimizer over the shared model."""
+
+    def __init__(self, model: torch.nn.Module, engine: str, form: str, route: str) -> None:
+        loss_fn, kappa = FORMS[form]
+        self.wrapped = SvenWrapper(model, loss_fn, kappa=kappa, engine=engine)
+        self.optimizer = Sven(self.wrapped, lr=1.0, k=1024, **ROUTES[route])
+        self.times: dict[str, list[float]] = {"loss_and_grad": [], "step": [], "total": []}
+
+    def run(self, batch: tuple[Tensor, ...]) -> None:
+        """Time loss_and_grad and step() in process CPU time."""
+        started = time.process_time()
+        self.wrapped.loss_and_grad(batch)
+        between = time.process_time()
+        self.optimizer.step()
+        ended = time.process_time()
+        for key, seconds in (("loss_and_grad", between - started), ("step", ended - between),
+                             ("total", ended - started)):
+            self.times[key].append(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=31)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    problem = poisson2d()
+    torch.manual_seed(0)
+    model = problem.build_model()
+    batch = problem.data(0, interior=904, boundary=120).batch
+    params = list(model.parameters())
+    start = parameters_to_vector(params).detach().clone()
+    configs = {(form, route): {engine: TimedStep(model, engine, form, route) for engine in ENGINES}
+               for form in FORMS for route in ROUTES}
+    load_at_start = load_average()
+    steps: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for round_index in range(args.rounds + 1):
+        for key, engines in configs.items():
+            for engine in ENGINES[::-1] if round_index % 2 else ENGINES:
+                with torch.no_grad():
+                    for param, value in zip(params, start.split([p.numel() for p in params])):
+                        param.copy_(value.view_as(param))
+                engines[engine].run(batch)
+                steps.setdefault(key, {})[engine] = parameters_to_vector(params).detach() - start
+    rows = []
+    for (form, route), engines in configs.items():
+        gram, functorch = (engines[engine].times for engine in ENGINES)
+        ratios = [g / f for g, f in zip(gram["total"][1:], functorch["total"][1:])]
+        difference = steps[form, route]["gram"] - steps[form, route]["functorch"]
+        rows.append({
+            "form": form, "route": route,
+            **{f"{engine} {part} ms": 1e3 * statistics.median(engines[engine].times[part][1:])
+               for engine in ENGINES for part in ("loss_and_grad", "step", "total")},
+            "gram / functorch": statistics.median(ratios),
+            "step difference": float(difference.norm() / steps[form, route]["functorch"].norm()),
+        })
+    load = {"start": load_at_start, "end": load_average()}
+    print(f"Poisson 2-D, tanh 2→64→1 (P = 257), B = 1024, float64, one thread, process CPU time, "
+          f"median of {args.rounds} rounds; load average {load}")
+    print("| residual form | route | engine | loss_and_grad | step() | whole step | gram / functorch |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        for engine in ENGINES:
+            ratio = f"{row['gram / functorch']:.2f}" if engine == "gram" else ""
+            print(f"| {row['form']} | {row['route']} | {engine} | {row[f'{engine} loss_and_grad ms']:.1f} ms | "
+                  f"{row[f'{engine} step ms']:.1f} ms | {row[f'{engine} total ms']:.1f} ms | {ratio} |")
+    print("relative difference of the two engines' steps: "
+          + ", ".join(f"{row['form']}, {row['route']}: {row['step difference']:.1e}" for row in rows))
+    write_json(RESULT, {"rounds": args.rounds, "rows": rows, "load_average": load, "environment": environment("cpu")})
+    print(f"wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()
