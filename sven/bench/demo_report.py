@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sven.bench.append import appended_lines
 from sven.bench.grids import default_settings
 from sven.bench.plots import group_runs
 from sven.bench.results import final, studies_of
@@ -44,6 +45,6 @@ def demo_lines(payloads: list[dict[str, Any]]) -> list[str]:
              "Bold: the defaults the demo uses now, for each variant a setting that ends below Adam on the most "
              "seeds and on seed 0, the demo's default seed.", ""]
     for payload in studies:
-        lines += [f"### {payload['name']}", "", f"Command: `{payload['command']}`", "",
+        lines += [f"### {payload['name']}", "", f"Command: `{payload['command']}`", "", *appended_lines(payload),
                   markdown_table(*seed_table(payload)), ""]
     return lines
