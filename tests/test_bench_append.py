@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import torch
 
 from sven.bench.append import appended_lines, labels_to_skip, merged
 from sven.bench.cli import main
-from sven.bench.grids import DEMO_STUDY, entry_settings
+from sven.bench.grids import DEMO_STUDY, HYPERPARAMETERS, entry_settings
 from sven.bench.results import environment, read_json, write_json
-from sven.bench.studies import StudyOptions, entry_label
+from sven.bench.studies import LISTED_STUDIES, StudyOptions, entry_label, switched_on
+from sven.opt.options import StepSettings
 
 ARGS = ("toy1d", "--study", "demo", "--epochs", "1", "--subset", "64", "--no-progress")
 
@@ -89,3 +91,27 @@ def test_append_is_refused_for_a_study_that_is_not_a_list(tmp_path: Path) -> Non
     write_json(tmp_path / "toy1d-k.json", synthetic_payload())
     with pytest.raises(SystemExit, match="only a listed study \\(lm, demo\\) can be added to; got study 'k'"):
         main(["toy1d", "--study", "k", "--out", str(tmp_path), "--append", "--no-progress"])
+
+
+def test_an_entry_that_turns_a_switch_off_matches_the_runs_that_did_not_name_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a default turns a switch on (here line_search), the entries run before say it is off; their labels and
+    the runs' stored settings, which never named it, still match."""
+    earlier = synthetic_payload()
+    entries = (DEMO_STUDY[0], (DEMO_STUDY[1][0], {**DEMO_STUDY[1][1], "line_search": False}))
+    monkeypatch.setitem(LISTED_STUDIES, "demo", (entries, {"reference": "adam"}))
+    monkeypatch.setitem(HYPERPARAMETERS["sven"], "default", {**HYPERPARAMETERS["sven"]["default"], "line_search": True})
+    held = labels_to_skip(earlier, "demo", "toy1d", StudyOptions(epochs=3, seeds=2), environment("cpu"))
+    assert held == ("adam", "sven lr=0.1 k=B rtol=0.001")
+    entries = (DEMO_STUDY[0], (DEMO_STUDY[1][0], {**DEMO_STUDY[1][1], "line_search": True}))
+    monkeypatch.setitem(LISTED_STUDIES, "demo", (entries, {"reference": "adam"}))
+    with pytest.raises(ValueError, match="which the demo study no longer lists"):
+        labels_to_skip(earlier, "demo", "toy1d", StudyOptions(epochs=3, seeds=2), environment("cpu"))
+
+
+def test_every_switch_of_the_sven_step_is_off_by_default() -> None:
+    """What ``switched_on`` relies on: an entry that turns a switch off runs Sven's default."""
+    switches = [setting for setting in fields(StepSettings) if isinstance(setting.default, bool)]
+    assert {setting.name for setting in switches} >= {"line_search", "variable_k"}
+    assert all(setting.default is False for setting in switches)
+    assert switched_on({"lr": 0.5, "line_search": False, "variable_k": True}) == {"lr": 0.5, "variable_k": True}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sven.bench.grids import entry_settings
-from sven.bench.studies import LISTED_STUDIES, StudyOptions, entry_label
+from sven.bench.studies import LISTED_STUDIES, StudyOptions, entry_label, switched_on
 
 PROTOCOL = ("epochs", "seeds", "subset", "device", "grid")
 """The options the earlier results and the added runs must share."""
@@ -27,7 +27,8 @@ def labels_to_skip(earlier: dict[str, Any], study: str, task_name: str, options:
 
     Raises ValueError when ``earlier`` is another study or task, ran another protocol (epochs, seeds, subset,
     device) or environment (library versions, machine, threads), misses a seed of an entry, or holds an entry
-    the study no longer lists or whose settings differ from those the entry resolves to now.
+    the study no longer lists or whose settings differ from those the entry resolves to now (a switch that is off
+    and one that is not named are the same setting: ``switched_on``).
     """
     if study not in LISTED_STUDIES:
         raise ValueError(f"only a listed study ({', '.join(LISTED_STUDIES)}) can be added to; got study {study!r}")
@@ -48,7 +49,7 @@ def labels_to_skip(earlier: dict[str, Any], study: str, task_name: str, options:
                              f"study no longer lists; rerun the whole study instead")
         optimizer, overrides = entries[run["label"]]
         expected = entry_settings(optimizer, overrides, run["loss_kind"], run["batch_size"])
-        if run["settings"] != expected:
+        if switched_on(run["settings"]) != switched_on(expected):
             raise _mismatch(f"settings of {run['label']!r}", run["settings"], expected)
         held.setdefault(run["label"], []).append(run["seed"])
     for label, held_seeds in held.items():

@@ -112,9 +112,15 @@ def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
 Entries = tuple[tuple[str, dict[str, Any]], ...]
 
 
+def switched_on(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the switches that are off (False). Every switch of the benchmark's optimizers is off
+    by default, so an entry that turns one off runs as an entry that does not name it."""
+    return {key: value for key, value in settings.items() if value is not False}
+
+
 def entry_label(optimizer: str, overrides: dict[str, Any]) -> str:
-    """The label of a listed study's entry: "optimizer key=value …"."""
-    return " ".join([optimizer, *override_words(overrides)])
+    """The label of a listed study's entry: "optimizer key=value …" (switches that are off not named)."""
+    return " ".join([optimizer, *override_words(switched_on(overrides))])
 
 
 def listed(entries: Entries, references: dict[str, str]) -> Callable[[Task, StudyOptions], dict[str, Any]]:
