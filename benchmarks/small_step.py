@@ -1,6 +1,6 @@
-"""Step cost on a small model, where per-step overheads dominate: Sven (plain, line search, adaptive) against Adam.
+"""Step cost on a small model, where per-step overheads dominate: Sven (plain and adaptive) against Adam.
 
-The demo's MLP 1→16→16→16→1 (GELU, P = 593), B = 32, float32, one thread. Steps of the four
+The demo's MLP 1→16→16→16→1 (GELU, P = 593), B = 32, float32, one thread. Steps of the three
 optimizers are interleaved over the same batches and timed in process CPU time; the table gives
 medians over ``--repeats`` rounds and the ratio to Adam measured in the same round. ``--profile``
 adds where a Sven step's time goes (cProfile, cumulative, by part of the pipeline).
@@ -61,10 +61,9 @@ def steppers() -> dict[str, Callable[[tuple[Tensor, Tensor]], None]]:
         adam.step()
 
     plain = Sven(SvenWrapper(model(), per_sample_mse), lr=0.1, k=BATCH)
-    searched = Sven(SvenWrapper(model(), per_sample_mse), lr=0.5, k=BATCH // 2, line_search=True)
     adaptive = Sven(SvenWrapper(model(), per_sample_mse, kappa=1.0), lr=1.0, k=BATCH, damping="adaptive")
     return {"adam": adam_step, "sven": lambda batch: plain.step(batch),
-            "sven line_search": lambda batch: searched.step(batch), "sven-damped": lambda batch: adaptive.step(batch)}
+            "sven-damped": lambda batch: adaptive.step(batch)}
 
 
 def timed(step: Callable, data: list) -> float:
@@ -110,7 +109,7 @@ def main() -> None:
     for name in step:
         print(f"| {name} | {1e6 * statistics.median(rounds[name]):.0f} | {statistics.median(ratios[name]):.2f} |")
     if args.profile:
-        for name in ("sven", "sven line_search", "sven-damped"):
+        for name in ("sven", "sven-damped"):
             print(f"\nwhere a {name} step's time goes (cProfile, µs per step, cumulative):")
             for label, seconds in profile_parts(step[name], data).items():
                 print(f"  {label}: {1e6 * seconds:.0f}")
