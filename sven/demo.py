@@ -1,8 +1,8 @@
 """``make demo``: Sven vs Adam on the paper's 1-D regression, y = exp(−10x²)·sin(2x).
 
 Trains the toy1d task of the benchmark (MLP 1→16→16→16→1 GELU, B = 32, 10k train /
-10k validation samples) with Sven (the paper's exact step, and with adaptive
-Levenberg–Marquardt damping) and with Adam(lr=1e-3), each with its default settings
+10k validation samples) with Sven (the paper's exact step, backtracking on lr, and
+with adaptive Levenberg–Marquardt damping) and with Adam(lr=1e-3), each with its default settings
 (``sven.bench.grids``; docs/RESULTS.md gives the study behind them), prints the final
 validation MSE and wall time of each and writes ``OUT/demo_validation_loss.png`` and
 ``OUT/demo_results.json``.

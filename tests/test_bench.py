@@ -179,7 +179,7 @@ def test_set_overrides_defaults_in_its_own_file_and_the_claims_count_it(tmp_path
     run_cli("toy1d", "--optimizers", "sven", "--set", "lr=0.05", "--set", "rtol=0.01", "--epochs", "1",
             "--subset", "64", "--out", str(results))
     payload = read_json(results / "toy1d-compare-lr=0.05-rtol=0.01.json")
-    assert payload["runs"][0]["settings"] == {"lr": 0.05, "k": 16, "rtol": 0.01}
+    assert payload["runs"][0]["settings"] == {**default_settings("sven", "regression", 32), "lr": 0.05, "rtol": 0.01}
     assert payload["runs"][0]["label"] == "sven lr=0.05 rtol=0.01"
     page = render_report(results, tmp_path)
     assert "  - `sven` over 1 seed(s)" in page and "  - `sven lr=0.05 rtol=0.01` over 1 seed(s)" in page

@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
+from sven.bench.append import labels_to_skip, merged
 from sven.bench.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZER_NAMES
 from sven.bench.pinn import run_pinn
 from sven.bench.pinn_problems import PINN_PROBLEMS
 from sven.bench.plots import plot_study
 from sven.bench.report import write_report
-from sven.bench.results import command_line, environment, load_average, write_json
-from sven.bench.studies import STUDIES, StudyOptions, result_name, run_study
+from sven.bench.results import command_line, environment, load_average, read_json, write_json
+from sven.bench.studies import LISTED_STUDIES, STUDIES, StudyOptions, result_name, run_study
 from sven.bench.tables import summary_table, text_table
 from sven.bench.tasks import TASK_BUILDERS
 from sven.bench.verdict import bar_verdict
@@ -75,6 +76,10 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a default setting of every optimizer of a compare run (repeatable); the "
                              "results go to TASK-compare-KEY=VALUE.json")
+    parser.add_argument("--append", action="store_true",
+                        help=f"for a listed study ({', '.join(LISTED_STUDIES)}): run only the entries that "
+                             "OUT/TASK-STUDY.json does not hold yet and add their runs to it (same protocol, "
+                             "environment and settings, else an error)")
     parser.add_argument("--subset", type=_positive, default=None,
                         help="keep only the first N train and N validation samples")
     parser.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX .gz files")
@@ -97,20 +102,26 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
-    """Run the study the arguments describe, print its table and write ``OUT/TASK-STUDY.{json,png}``."""
+    """Run the study the arguments describe, print its table and write ``OUT/TASK-STUDY.{json,png}``
+    (with ``--append``: the earlier results there plus the entries they do not hold yet)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     options = StudyOptions(optimizers=args.optimizers, epochs=args.epochs, seeds=args.seeds, grid=args.grid,
                            grid_epochs=args.grid_epochs, subset=args.subset, device=args.device,
                            data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides))
+    name = result_name(args.task, args.study, options.overrides)
+    json_path = args.out / f"{name}.json"
+    earlier = read_json(json_path) if args.append else None
+    if earlier is not None:
+        options.skip_labels = labels_to_skip(earlier, args.study, args.task, options, environment(args.device))
     started, load_at_start = time.perf_counter(), load_average()
     payload = run_study(args.study, args.task, options)
-    name = result_name(args.task, args.study, options.overrides)
     payload.update(name=name, command=command_line(argv), environment=environment(args.device),
                    total_seconds=time.perf_counter() - started,
                    load_average={"start": load_at_start, "end": load_average()})
-    json_path = args.out / f"{name}.json"
+    if earlier is not None:
+        payload = merged(earlier, payload)
     write_json(json_path, payload)
     figure = plot_study(payload, args.out / f"{name}.png")
     if payload["runs"]:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sven.bench.append import appended_lines
 from sven.bench.demo_report import demo_lines
 from sven.bench.optimizers import SVEN_VARIANTS
 from sven.bench.plots import group_runs, plot_study
@@ -131,6 +132,7 @@ def _study_section(payload: dict[str, Any], figures: Path, page: Path) -> list[s
         load = payload["load_average"]
         lines += [f"Machine load (1/5/15-min load average): {'/'.join(map(str, load['start']))} at the start, "
                   f"{'/'.join(map(str, load['end']))} at the end.", ""]
+    lines += appended_lines(payload)
     for optimizer, reason in (payload.get("skipped") or {}).items():
         lines += [f"Skipped {optimizer}: {reason}", ""]
     if not payload["runs"]:

@@ -43,7 +43,8 @@ LOSS_SIBLINGS = {"mnist-regression": "mnist-ce", "mnist-ce": "mnist-regression",
 class StudyOptions:
     """What the command line chose: optimizers, epochs (None: the task's), seeds, grid search and its epochs,
     a train/validation subset size (None: all), the device, the MNIST folder, whether to show progress bars,
-    and settings that override the defaults of every optimizer of a compare run."""
+    settings that override the defaults of every optimizer of a compare run, and the labels of a listed study's
+    entries not to run (they are in the earlier results that this run adds to: ``sven.bench.append``)."""
 
     optimizers: list[str] = field(default_factory=lambda: ["sven", "adam"])
     epochs: int | None = None
@@ -55,6 +56,7 @@ class StudyOptions:
     data_dir: str | None = None
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
+    skip_labels: tuple[str, ...] = ()
 
     def epochs_for(self, task: Task) -> int:
         return self.epochs if self.epochs is not None else task.epochs
@@ -110,14 +112,28 @@ def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
 Entries = tuple[tuple[str, dict[str, Any]], ...]
 
 
+def switched_on(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the switches that are off (False). Every switch of the benchmark's optimizers is off
+    by default, so an entry that turns one off runs as an entry that does not name it."""
+    return {key: value for key, value in settings.items() if value is not False}
+
+
+def entry_label(optimizer: str, overrides: dict[str, Any]) -> str:
+    """The label of a listed study's entry: "optimizer key=value …" (switches that are off not named)."""
+    return " ".join([optimizer, *override_words(switched_on(overrides))])
+
+
 def listed(entries: Entries, references: dict[str, str]) -> Callable[[Task, StudyOptions], dict[str, Any]]:
-    """The study that trains each (optimizer, overrides) of ``entries`` over the seeds, labelled
-    "optimizer key=value …"; its payload also holds ``references`` (payload key → the label of a reference run)."""
+    """The study that trains each (optimizer, overrides) of ``entries`` over the seeds, labelled by ``entry_label``,
+    except the entries labelled in ``options.skip_labels``; its payload also holds ``references`` (payload key → the
+    label of a reference run)."""
 
     def study(task: Task, options: StudyOptions) -> dict[str, Any]:
         runs, skipped = [], {}
         for optimizer, overrides in entries:
-            label = " ".join([optimizer, *override_words(overrides)])
+            label = entry_label(optimizer, overrides)
+            if label in options.skip_labels:
+                continue
             settings = entry_settings(optimizer, overrides, task.loss_kind, task.batch_size)
             try:
                 runs += seeded_runs(task, optimizer, settings, label, options)
@@ -165,6 +181,12 @@ def spectrum(task: Task, options: StudyOptions) -> dict[str, Any]:
     return {"runs": runs}
 
 
+LISTED_STUDIES: dict[str, tuple[Entries, dict[str, str]]] = {
+    "lm": (LM_STUDY, {"lm_reference": LM_REFERENCE, "time_reference": TIME_REFERENCE}),
+    "demo": (DEMO_STUDY, {"reference": DEMO_REFERENCE}),
+}
+"""The studies that run a list of entries: study → (entries, references written into the payload)."""
+
 STUDIES: dict[str, Callable[[Task, StudyOptions], dict[str, Any]]] = {
     "compare": compare,
     "k": sweep("k"),
@@ -172,8 +194,7 @@ STUDIES: dict[str, Callable[[Task, StudyOptions], dict[str, Any]]] = {
     "microbatch_size": sweep("microbatch_size"),
     "param_fraction": sweep("param_fraction"),
     "spectrum": spectrum,
-    "lm": listed(LM_STUDY, {"lm_reference": LM_REFERENCE, "time_reference": TIME_REFERENCE}),
-    "demo": listed(DEMO_STUDY, {"reference": DEMO_REFERENCE}),
+    **{name: listed(*LISTED_STUDIES[name]) for name in LISTED_STUDIES},
 }
 
 
@@ -185,6 +206,8 @@ def run_study(study: str, task_name: str, options: StudyOptions) -> dict[str, An
     if options.overrides and (study != "compare" or options.grid):
         raise ValueError(f"setting overrides apply to a compare run without --grid; got study {study!r}"
                          f"{' with --grid' if options.grid else ''}")
+    if options.skip_labels and study not in LISTED_STUDIES:
+        raise ValueError(f"only a listed study ({', '.join(LISTED_STUDIES)}) skips entries; got study {study!r}")
     payload = {"study": study, "task": task_name, "options": asdict(options)}
     payload.update(STUDIES[study](task, options))
     return payload
