@@ -119,20 +119,32 @@ class TruncatedSpectrum(Spectrum):
 
 def truncate(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float,
              sigma_all: Tensor | None = None, keep_zero: bool = False) -> TruncatedSpectrum:
-    """Sort descending, then keep at most k values with σ > effective_rtol(rtol, floor)·σ_max (and σ > 0).
+    """Sort descending, then ``keep_leading``: σ (n,) in any order, ``u`` (rows, n), ``v`` (cols, n) or None.
 
-    ``u`` (rows, n), ``sigma`` (n,), ``v`` (cols, n) or None; ``sigma_all`` (≥ n,): every value the
-    solver computed when it found vectors for the largest n only (default: ``sigma``). ``keep_zero``
-    (damped Gram routes, where each direction weighs 1/(σ² + λ)): keep σ ≥ the cut, zeros included.
+    ``sigma_all`` (≥ n,), in any order: every value the solver computed when it found vectors for the
+    largest n only (default: ``sigma``).
     """
     order = torch.argsort(sigma, descending=True)
-    sigma, u = sigma[order], u[:, order]
     v = None if v is None else v[:, order]
-    sigma_all = sigma if sigma_all is None else torch.sort(sigma_all, descending=True).values
+    sigma_all = None if sigma_all is None else torch.sort(sigma_all, descending=True).values
+    return keep_leading(u[:, order], sigma[order], v, k, rtol, floor, sigma_all, keep_zero)
+
+
+def keep_leading(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, keep_zero: bool = False) -> TruncatedSpectrum:
+    """Keep at most k values with σ > effective_rtol(rtol, floor)·σ_max (and σ > 0) of a descending σ (n,).
+
+    ``u`` (rows, n), ``v`` (cols, n) or None, columns in the order of σ; ``sigma_all`` (≥ n,) descending
+    (default: ``sigma``). ``keep_zero`` (damped Gram routes, where each direction weighs 1/(σ² + λ)): keep
+    σ ≥ the cut, zeros included. The count is taken on the host from one copy of σ.
+    """
+    values = sigma.tolist()
+    largest = values[:1] if sigma_all is None else sigma_all[:1].tolist()
+    sigma_all = sigma if sigma_all is None else sigma_all
     rtol_used = effective_rtol(rtol, floor)
-    cut = rtol_used * float(sigma_all[0]) if sigma_all.numel() else 0.0
-    kept = sigma >= cut if keep_zero else (sigma > cut) & (sigma > 0)
-    keep = int(kept.sum().clamp(max=k))
+    cut = rtol_used * largest[0] if largest else 0.0
+    kept = [value >= cut for value in values] if keep_zero else [value > cut and value > 0 for value in values]
+    keep = min(sum(kept), k)
     return TruncatedSpectrum(u[:, :keep], sigma[:keep], None if v is None else v[:, :keep], sigma_all, rtol_used)
 
 
@@ -143,7 +155,7 @@ def gram_eigh(gram: Tensor, k: int, rtol: float, floor: float | None = None) -> 
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     floor = eig_floor(gram.shape[0]) if floor is None else floor
-    return truncate(eigenvectors, eigenvalues.clamp(min=0).sqrt(), None, k, rtol, floor)
+    return keep_leading(eigenvectors.flip(1), eigenvalues.flip(0).clamp(min=0).sqrt(), None, k, rtol, floor)
 
 
 @dataclass(frozen=True)
