@@ -64,7 +64,8 @@ class Side(ABC):
         """
         sigma = eigenvalues.flip(0).clamp(min=0).sqrt()
         found = eigenvectors.shape[1]
-        floor = squared_floor(eigenvectors.shape[0], damping, float(eigenvalues.max()) if found else 0.0)
+        largest = float(eigenvalues.max()) if found and damping > 0 else 0.0
+        floor = squared_floor(eigenvectors.shape[0], damping, largest)
         sigma_all = None if found == sigma.numel() else sigma
         return self.spectrum(sigma[:found], eigenvectors.flip(1), k, rtol, floor, sigma_all, floor == 0.0)
 

@@ -44,7 +44,8 @@ def squared_floor(size: int, damping: float, largest: float) -> float:
 
     ``eig_floor(size)``, or 0 when the damping λ resolves: √(λ/largest) ≥ ``RESOLVED_MARGIN``·√(size·ε). The
     step then weighs each eigenpair by 1/(σ² + λ) ≤ 1/λ in c = (M Mᵀ + λI)⁻¹ r, and an eigenvalue known
-    only to size·ε·largest moves it by at most size·ε·largest/λ ≤ 1e-2 relative: no cut is needed.
+    only to size·ε·largest moves it by at most size·ε·largest/λ ≤ 1e-2 relative: no cut is needed. ``largest`` is
+    read only when λ > 0 (an undamped caller need not compute it).
     """
     damped = damping > 0 and largest > 0 and resolves((damping / largest) ** 0.5, size)
     return 0.0 if damped else eig_floor(size)
