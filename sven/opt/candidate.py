@@ -74,8 +74,8 @@ class CandidateSteps:
             param.copy_(saved)
 
     def step_norm(self, update: Tensor) -> float:
-        """‖Δθ‖ = ‖lr_g · b‖ of an update (``vector_norm``: the kernel of ``Tensor.norm`` without its Python layer)."""
+        """‖Δθ‖ = ‖lr_g · b‖ of an update, accumulated in float64 (``vector_norm`` upcasts as it reads, no copy)."""
         if len(set(self.lr_per_param)) == 1:
-            return abs(self.lr_per_param[0]) * float(torch.linalg.vector_norm(update.to(torch.float64)))
+            return abs(self.lr_per_param[0]) * float(torch.linalg.vector_norm(update, dtype=torch.float64))
         lr_flat = self.wrapped.params.per_entry(self.lr_per_param, self.columns, update.device)
         return float(torch.linalg.vector_norm(update.to(torch.float64) * lr_flat))
