@@ -181,7 +181,7 @@ def _identity_like(square: Tensor) -> Tensor:
     return torch.eye(square.shape[0], dtype=square.dtype, device=square.device)
 
 
-def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | None:
+def certify_nothing_cut(gram: Tensor, rtol_used: float, trace: float | None = None) -> GramCertificate | None:
     """A proof that every eigenvalue of the Gram matrix G (n, n) exceeds (rtol_used·σ_max)², or None.
 
     λ_max ≤ U = min(‖G‖_∞, ‖G‖_F), inflated to cover the rounding of these sums. A Cholesky
@@ -190,11 +190,13 @@ def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | Non
     factorisation's backward error (Rump, BIT 2006) and the error of an eigh of G, so the eigh
     route would keep every value too. None proves nothing: the caller takes eigh. ``rtol_used`` = 0 (a
     damped step that cuts nothing) needs no proof: when G − τI has no factor, the certificate holds none.
+    ``trace``: tr(G) when the caller has it (default: computed here).
     """
     slack = 4 * (gram.shape[0] + 2) * FLOAT64_EPS
     row_sums = float(gram.abs().sum(dim=1).max())
     upper = min(row_sums, float(torch.linalg.matrix_norm(gram))) * (1 + slack)
-    shift = rtol_used**2 * upper + slack * float(gram.diagonal().sum())
+    trace = float(gram.diagonal().sum()) if trace is None else trace
+    shift = rtol_used**2 * upper + slack * trace
     factor, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
     if int(info) == 0:
         return GramCertificate(shift, factor)
