@@ -107,7 +107,7 @@ class TruncatedSpectrum(Spectrum):
     rtol_used: float
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        squared = self.sigma**2 + damping
+        squared = self.sigma**2 + damping if damping else self.sigma**2
         projected = self.u.T @ residuals.to(torch.float64)
         if self.v is not None:
             return (self.v @ (self.sigma / squared * projected)).to(op.dtype)
