@@ -19,7 +19,14 @@ from sven.opt import Sven
 from sven.opt.options import StepSettings, settings_from_options, translate_deprecated
 from sven.opt.pinv import truncated_spectrum
 from sven.opt.rmsprop import rmsprop_step
-from sven.opt.spectrum import CertifiedGramSpectrum, effective_rtol, eig_floor, gram_eigh, truncate
+from sven.opt.spectrum import (
+    CertifiedGramSpectrum,
+    effective_rtol,
+    eig_floor,
+    gram_eigh,
+    keep_leading,
+    truncate,
+)
 
 
 def random_problem(rows: int = 10, cols: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +72,38 @@ def test_truncation_applies_the_route_floor_once() -> None:
     spectrum = truncate(u, sigma, None, k=3, rtol=0.0, floor=floor)
     assert spectrum.rank_kept == 2 and spectrum.rtol_used == floor
     assert truncate(u, sigma, None, k=3, rtol=1e-2, floor=floor).rank_kept == 1
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_eigen_route_keeps_the_reference_leading_triplets(k: int) -> None:
+    """gram_eigh (eigh's ascending pairs flipped, counted by keep_leading) against the dense SVD of a rank-4 M."""
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.randn(8, 4, generator=generator, dtype=torch.float64) @ torch.randn(
+        4, 20, generator=generator, dtype=torch.float64)
+    residuals = torch.randn(8, generator=generator, dtype=torch.float64)
+    u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+    spectrum = gram_eigh(matrix @ matrix.T, k, rtol=1e-3)
+    kept = min(k, 4)
+    assert spectrum.rank_kept == kept
+    assert torch.allclose(spectrum.sigma, sigma[:kept], rtol=1e-10, atol=0)
+    assert torch.allclose(spectrum.sigma_all[:4], sigma[:4], rtol=1e-10, atol=0)
+    assert float(spectrum.sigma_all[4:].max()) < 1e-6 * float(sigma[0])
+    expected = vh[:kept].T @ ((u[:, :kept].T @ residuals) / sigma[:kept])
+    assert relative_error(spectrum.direction(DenseJacobian(matrix), residuals), expected) < 1e-9
+    order = torch.randperm(8, generator=generator)
+    shuffled = truncate(u[:, order], sigma[order], vh[order].T, k, 1e-3, 0.0)
+    leading = keep_leading(u, sigma, vh.T, k, 1e-3, 0.0)
+    assert shuffled.rank_kept == leading.rank_kept == kept
+    assert torch.equal(shuffled.sigma, leading.sigma) and torch.equal(shuffled.u, leading.u)
+
+
+def test_keep_leading_keeps_zeros_only_when_damped() -> None:
+    sigma = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    u = torch.eye(3, dtype=torch.float64)
+    assert keep_leading(u, sigma, None, 3, 0.0, 0.0).rank_kept == 2
+    assert keep_leading(u, sigma, None, 3, 0.0, 0.0, keep_zero=True).rank_kept == 3
+    assert keep_leading(u, sigma, None, 3, 0.6, 0.0, keep_zero=True).rank_kept == 1
+    assert keep_leading(u[:, :0], sigma[:0], None, 3, 0.0, 0.0).rank_kept == 0
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.3])

@@ -73,8 +73,12 @@ class ParamSpace:
         ``columns`` are not written at all (they stay bit-identical).
         """
         if columns is None:
-            for p, chunk, scale in zip(self.tensors, flat_step.split(self.numels), scales):
-                p.add_(chunk.view_as(p).to(p.dtype), alpha=scale)
+            chunks = [chunk.view_as(p).to(p.dtype) for chunk, p in zip(flat_step.split(self.numels), self.tensors)]
+            if len(set(scales)) == 1:  # one scale: one multi-tensor op (the same p + scale·chunk, one dispatch)
+                torch._foreach_add_(list(self.tensors), chunks, alpha=scales[0])
+                return
+            for p, chunk, scale in zip(self.tensors, chunks, scales):
+                p.add_(chunk, alpha=scale)
             return
         offsets = self.offsets.tolist()
         bounds = torch.searchsorted(columns, torch.tensor(offsets, device=columns.device)).tolist()

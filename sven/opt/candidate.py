@@ -43,7 +43,7 @@ class CandidateSteps:
         self.lr_per_param = lr_per_param
         self.shrink_per_param = [1.0 - lr * decay for lr, decay in zip(lr_per_param, decoupled_decay_per_param)]
         self.columns = columns if momentum is None else None
-        self._saved = [p.detach().clone() for p in wrapped.params.tensors] if undoable else []
+        self._saved = _copies(wrapped.params.tensors) if undoable else []
 
     def update(self, spectrum: Spectrum, damping: float) -> Tensor:
         """b for the kept triplets of ``spectrum`` filtered with λ = ``damping``: (n,), or (P,) with momentum."""
@@ -74,8 +74,14 @@ class CandidateSteps:
             param.copy_(saved)
 
     def step_norm(self, update: Tensor) -> float:
-        """‖Δθ‖ = ‖lr_g · b‖ of an update (``vector_norm``: the kernel of ``Tensor.norm`` without its Python layer)."""
+        """‖Δθ‖ = ‖lr_g · b‖ of an update, accumulated in float64 (``vector_norm`` upcasts as it reads, no copy)."""
         if len(set(self.lr_per_param)) == 1:
-            return abs(self.lr_per_param[0]) * float(torch.linalg.vector_norm(update.to(torch.float64)))
+            return abs(self.lr_per_param[0]) * float(torch.linalg.vector_norm(update, dtype=torch.float64))
         lr_flat = self.wrapped.params.per_entry(self.lr_per_param, self.columns, update.device)
         return float(torch.linalg.vector_norm(update.to(torch.float64) * lr_flat))
+
+
+@torch.no_grad()
+def _copies(tensors: tuple[Tensor, ...]) -> list[Tensor]:
+    """Copies of the parameters outside autograd: one clone each, without a detached view first."""
+    return [t.clone() for t in tensors]

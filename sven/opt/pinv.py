@@ -81,8 +81,9 @@ def gram_solver(op: JacobianOperator, k: int, rtol: float, options: SolverOption
     side = smaller_side(op)
     if k >= min(op.shape):
         gram = side.matrix
-        floor = squared_floor(gram.shape[0], damping, float(gram.diagonal().sum()))
-        certificate = certify_nothing_cut(gram, effective_rtol(rtol, floor))
+        trace = float(gram.diagonal().sum())
+        floor = squared_floor(gram.shape[0], damping, trace)
+        certificate = certify_nothing_cut(gram, effective_rtol(rtol, floor), trace)
         if certificate is not None:
             return side.certified(certificate, rtol, floor)
     return side.eigen_spectrum(*exact_eigh(side.matrix, k, options, generator), k, rtol, damping)

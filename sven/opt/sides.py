@@ -23,8 +23,8 @@ from sven.opt.spectrum import (
     GramCertificate,
     Spectrum,
     TruncatedSpectrum,
+    keep_leading,
     squared_floor,
-    truncate,
 )
 
 
@@ -47,10 +47,10 @@ class Side(ABC):
     @abstractmethod
     def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
                  sigma_all: Tensor | None = None, damped: bool = False) -> Spectrum:
-        """M's truncated spectrum from singular values ``sigma`` (m,) and this side's vectors (n, m).
+        """M's truncated spectrum from singular values ``sigma`` (m,) descending and this side's vectors (n, m).
 
         ``damped``: every step from it uses a λ that resolves (``squared_floor`` is 0), so σ = 0 directions
-        may be kept (``truncate``'s ``keep_zero``).
+        may be kept (``keep_leading``'s ``keep_zero``).
         """
 
     @abstractmethod
@@ -64,10 +64,12 @@ class Side(ABC):
         ``eigenvalues`` (n',) ascending, the last m belonging to ``eigenvectors`` (n, m); ``damping``:
         the smallest λ the step may use.
         """
-        sigma = eigenvalues.clamp(min=0).sqrt()
+        sigma = eigenvalues.flip(0).clamp(min=0).sqrt()
         found = eigenvectors.shape[1]
-        floor = squared_floor(eigenvectors.shape[0], damping, float(eigenvalues.max()) if found else 0.0)
-        return self.spectrum(sigma[sigma.numel() - found:], eigenvectors, k, rtol, floor, sigma, floor == 0.0)
+        largest = float(eigenvalues.max()) if found and damping > 0 else 0.0
+        floor = squared_floor(eigenvectors.shape[0], damping, largest)
+        sigma_all = None if found == sigma.numel() else sigma
+        return self.spectrum(sigma[:found], eigenvectors.flip(1), k, rtol, floor, sigma_all, floor == 0.0)
 
 
 class RowSide(Side):
@@ -83,7 +85,7 @@ class RowSide(Side):
 
     def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
                  sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
-        return truncate(vectors, sigma, None, k, rtol, floor, sigma_all, keep_zero=damped)
+        return keep_leading(vectors, sigma, None, k, rtol, floor, sigma_all, keep_zero=damped)
 
     def certified(self, certificate: GramCertificate, rtol: float, floor: float) -> Spectrum:
         return CertifiedGramSpectrum(self.matrix, certificate, rtol, floor)
@@ -112,7 +114,7 @@ class ColumnSide(Side):
     def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
                  sigma_all: Tensor | None = None, damped: bool = False) -> ColumnSpectrum:
         """U = M V / σ needs σ > 0: zeros are dropped even when damped (they weigh σ/(σ² + λ) = 0)."""
-        right = truncate(vectors, sigma, None, k, rtol, floor, sigma_all)
+        right = keep_leading(vectors, sigma, None, k, rtol, floor, sigma_all)
         return ColumnSpectrum(self, right.u, right.sigma, right.sigma_all, right.rtol_used)
 
     def certified(self, certificate: GramCertificate, rtol: float, floor: float) -> Spectrum:
@@ -155,8 +157,8 @@ class CertifiedColumnSpectrum(CertifiedGramSpectrum):
     def eigen(self) -> ColumnSpectrum:
         """The eigh route's spectrum of Mᵀ M."""
         eigenvalues, vectors = torch.linalg.eigh(self.gram)
-        return self.side.spectrum(eigenvalues.clamp(min=0).sqrt(), vectors, self.gram.shape[0], self.rtol,
-                                  self.floor)
+        return self.side.spectrum(eigenvalues.flip(0).clamp(min=0).sqrt(), vectors.flip(1), self.gram.shape[0],
+                                  self.rtol, self.floor)
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
         return self.solve(self.side.transposed_product(residuals), damping).to(op.dtype)

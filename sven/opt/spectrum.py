@@ -44,7 +44,8 @@ def squared_floor(size: int, damping: float, largest: float) -> float:
 
     ``eig_floor(size)``, or 0 when the damping λ resolves: √(λ/largest) ≥ ``RESOLVED_MARGIN``·√(size·ε). The
     step then weighs each eigenpair by 1/(σ² + λ) ≤ 1/λ in c = (M Mᵀ + λI)⁻¹ r, and an eigenvalue known
-    only to size·ε·largest moves it by at most size·ε·largest/λ ≤ 1e-2 relative: no cut is needed.
+    only to size·ε·largest moves it by at most size·ε·largest/λ ≤ 1e-2 relative: no cut is needed. ``largest`` is
+    read only when λ > 0 (an undamped caller need not compute it).
     """
     damped = damping > 0 and largest > 0 and resolves((damping / largest) ** 0.5, size)
     return 0.0 if damped else eig_floor(size)
@@ -106,7 +107,7 @@ class TruncatedSpectrum(Spectrum):
     rtol_used: float
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        squared = self.sigma**2 + damping
+        squared = self.sigma**2 + damping if damping else self.sigma**2
         projected = self.u.T @ residuals.to(torch.float64)
         if self.v is not None:
             return (self.v @ (self.sigma / squared * projected)).to(op.dtype)
@@ -119,20 +120,32 @@ class TruncatedSpectrum(Spectrum):
 
 def truncate(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float,
              sigma_all: Tensor | None = None, keep_zero: bool = False) -> TruncatedSpectrum:
-    """Sort descending, then keep at most k values with σ > effective_rtol(rtol, floor)·σ_max (and σ > 0).
+    """Sort descending, then ``keep_leading``: σ (n,) in any order, ``u`` (rows, n), ``v`` (cols, n) or None.
 
-    ``u`` (rows, n), ``sigma`` (n,), ``v`` (cols, n) or None; ``sigma_all`` (≥ n,): every value the
-    solver computed when it found vectors for the largest n only (default: ``sigma``). ``keep_zero``
-    (damped Gram routes, where each direction weighs 1/(σ² + λ)): keep σ ≥ the cut, zeros included.
+    ``sigma_all`` (≥ n,), in any order: every value the solver computed when it found vectors for the
+    largest n only (default: ``sigma``).
     """
     order = torch.argsort(sigma, descending=True)
-    sigma, u = sigma[order], u[:, order]
     v = None if v is None else v[:, order]
-    sigma_all = sigma if sigma_all is None else torch.sort(sigma_all, descending=True).values
+    sigma_all = None if sigma_all is None else torch.sort(sigma_all, descending=True).values
+    return keep_leading(u[:, order], sigma[order], v, k, rtol, floor, sigma_all, keep_zero)
+
+
+def keep_leading(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float,
+                 sigma_all: Tensor | None = None, keep_zero: bool = False) -> TruncatedSpectrum:
+    """Keep at most k values with σ > effective_rtol(rtol, floor)·σ_max (and σ > 0) of a descending σ (n,).
+
+    ``u`` (rows, n), ``v`` (cols, n) or None, columns in the order of σ; ``sigma_all`` (≥ n,) descending
+    (default: ``sigma``). ``keep_zero`` (damped Gram routes, where each direction weighs 1/(σ² + λ)): keep
+    σ ≥ the cut, zeros included. The count is taken on the host from one copy of σ.
+    """
+    values = sigma.tolist()
+    largest = values[:1] if sigma_all is None else sigma_all[:1].tolist()
+    sigma_all = sigma if sigma_all is None else sigma_all
     rtol_used = effective_rtol(rtol, floor)
-    cut = rtol_used * float(sigma_all[0]) if sigma_all.numel() else 0.0
-    kept = sigma >= cut if keep_zero else (sigma > cut) & (sigma > 0)
-    keep = int(kept.sum().clamp(max=k))
+    cut = rtol_used * largest[0] if largest else 0.0
+    kept = [value >= cut for value in values] if keep_zero else [value > cut and value > 0 for value in values]
+    keep = min(sum(kept), k)
     return TruncatedSpectrum(u[:, :keep], sigma[:keep], None if v is None else v[:, :keep], sigma_all, rtol_used)
 
 
@@ -143,7 +156,7 @@ def gram_eigh(gram: Tensor, k: int, rtol: float, floor: float | None = None) -> 
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     floor = eig_floor(gram.shape[0]) if floor is None else floor
-    return truncate(eigenvectors, eigenvalues.clamp(min=0).sqrt(), None, k, rtol, floor)
+    return keep_leading(eigenvectors.flip(1), eigenvalues.flip(0).clamp(min=0).sqrt(), None, k, rtol, floor)
 
 
 @dataclass(frozen=True)
@@ -168,7 +181,7 @@ def _identity_like(square: Tensor) -> Tensor:
     return torch.eye(square.shape[0], dtype=square.dtype, device=square.device)
 
 
-def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | None:
+def certify_nothing_cut(gram: Tensor, rtol_used: float, trace: float | None = None) -> GramCertificate | None:
     """A proof that every eigenvalue of the Gram matrix G (n, n) exceeds (rtol_used·σ_max)², or None.
 
     λ_max ≤ U = min(‖G‖_∞, ‖G‖_F), inflated to cover the rounding of these sums. A Cholesky
@@ -177,11 +190,13 @@ def certify_nothing_cut(gram: Tensor, rtol_used: float) -> GramCertificate | Non
     factorisation's backward error (Rump, BIT 2006) and the error of an eigh of G, so the eigh
     route would keep every value too. None proves nothing: the caller takes eigh. ``rtol_used`` = 0 (a
     damped step that cuts nothing) needs no proof: when G − τI has no factor, the certificate holds none.
+    ``trace``: tr(G) when the caller has it (default: computed here).
     """
     slack = 4 * (gram.shape[0] + 2) * FLOAT64_EPS
     row_sums = float(gram.abs().sum(dim=1).max())
     upper = min(row_sums, float(torch.linalg.matrix_norm(gram))) * (1 + slack)
-    shift = rtol_used**2 * upper + slack * float(gram.diagonal().sum())
+    trace = float(gram.diagonal().sum()) if trace is None else trace
+    shift = rtol_used**2 * upper + slack * trace
     factor, info = torch.linalg.cholesky_ex(gram - shift * _identity_like(gram))
     if int(info) == 0:
         return GramCertificate(shift, factor)
