@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
+from sven.cost import entrywise_gram_cost, warn_cost
 from sven.jacobian.blocks import GradientBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
 from sven.jacobian.fallback import RecomputedBlock
@@ -109,15 +110,24 @@ class GramJacobian(JacobianOperator):
         return ~torch.isfinite(torch.stack(sums)).all(dim=0)
 
     def masked_gram(self, columns: Tensor) -> Tensor:
-        """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M."""
+        """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M.
+
+        Warns (``SvenCostWarning``) first when the entries summed one by one cost far more than the full Gram.
+        """
         keep = [piece for piece in columns.split(self.params.numels)]
         gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+        partial = []
         for block in self.blocks:
             kept = [keep[self._position[id(p)]] for p in block.params]
             if all(bool(k.all()) for k in kept):
                 gram += block.gram()
             elif any(bool(k.any()) for k in kept):
-                gram += block.masked_gram(kept)
+                partial.append((block, kept))
+        cost = entrywise_gram_cost(self.shape[0], sum(block.entrywise_entries(kept) for block, kept in partial))
+        if cost is not None:
+            warn_cost(cost)
+        for block, kept in partial:
+            gram += block.masked_gram(kept)
         return gram
 
     def matmul(self, v: Tensor) -> Tensor:

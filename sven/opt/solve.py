@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sven.cost import route_cost, warn_cost
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.options import StepSettings
 from sven.opt.pinv import resolve_mode, truncated_spectrum
@@ -33,11 +34,14 @@ def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator
 
     "auto" learns the smallest λ the step may use (``smallest_damping``): with λ > 0 it stays on the Gram route,
     or solves matrix-free ("cg") when every row is kept (no rank search) and the Gram matrix exceeds
-    ``gram_memory``.
+    ``gram_memory``. A route far off the fast path (``sven.cost.route_cost``) warns before it runs.
     """
     damping = smallest_damping(settings)
-    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping,
-                        1 if settings.variable_k else settings.k, settings.gram_memory)
+    smallest_k = 1 if settings.variable_k else settings.k
+    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping, smallest_k, settings.gram_memory)
+    cost = route_cost(mode, operator.shape, smallest_k, damping, settings.gram_memory)
+    if cost is not None:
+        warn_cost(cost)
 
     def solve(name: str) -> Spectrum:
         return truncated_spectrum(operator, name, settings.k, settings.rtol, settings.solver_options, generator,
