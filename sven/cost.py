@@ -12,9 +12,11 @@ SIDE_MODES = ("gram", "randomized", "randomized_v2", "scipy", "lobpcg")
 """svd_modes that form the smaller side of M (n × n float64, n = min(rows, cols)) and factorise or decompose it."""
 DENSE_MODES = ("torch", "lq")
 """svd_modes that materialise M itself (rows × cols, cast to float64)."""
-ENTRYWISE_GRAM_LIMIT = 10**10
-"""float64 multiply-adds B²·n of a masked Gram matrix summed entry by entry above which it warns (about a second
-on one CPU core: benchmarks/mask_cost.py measured 3.3e9 in 0.35 s)."""
+ENTRYWISE_GRAM_LIMIT = 10**11
+"""float64 multiply-adds B²·n of a masked Gram matrix summed entry by entry above which it warns (about 10 s per
+step on one CPU core: benchmarks/mask_cost.py measured 3.3e9 in 0.35 s)."""
+MULTIPLY_ADDS_PER_SECOND = 10**10
+"""What one CPU core does in float64, for the seconds a warning quotes."""
 
 
 class SvenCostWarning(UserWarning):
@@ -67,6 +69,6 @@ def entrywise_gram_cost(rows: int, entries: int) -> str | None:
     if multiply_adds <= ENTRYWISE_GRAM_LIMIT:
         return None
     return (f"the param_fraction Gram matrix sums {entries} kept entries one by one ({rows}² · {entries} = "
-            f"{multiply_adds:.1e} float64 multiply-adds, about {multiply_adds / ENTRYWISE_GRAM_LIMIT:.0f} s per "
+            f"{multiply_adds:.1e} float64 multiply-adds, about {multiply_adds / MULTIPLY_ADDS_PER_SECOND:.0f} s per "
             "step on a CPU core): a random entry mask (mask_mode='elementwise') has no factored form. "
             "mask_mode='rows' or 'tensor' keeps the factored Gram at the full step's cost.")
