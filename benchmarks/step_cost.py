@@ -1,6 +1,7 @@
 """Cost of one training step: SGD, Sven on the Gram engine, and Sven on the reference SVD path.
 
-    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3] [--knobs | --large-batch]
+    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3]
+                                             [--knobs | --large-batch | --table [--max-batch B]]
 
 Methods (each on its own copy of the same model, random data, no download):
   sgd         forward + backward of the mean loss + torch.optim.SGD.step
@@ -30,7 +31,15 @@ matrix, its shifted copy and factor fit in ``gram_memory``, 512 MiB: B ≤ 4729;
 the matrix-free route forced (gram_memory = 0) where auto does not take it; ms per step (median of
 ``--large-steps``), the ratio to an SGD step on the same batch, the normal-equation residual and the peak RSS growth
 (``resource.getrusage`` high-water mark after the steps minus before them).
-Writes benchmarks/results/step_cost_<device>.json (step_cost_knobs_…, step_cost_large_batch_…) and prints a table.
+``--table`` (``--threads 1 --clock cpu`` advised) times every knob of ``TABLE_KNOBS`` (param_fraction 0.5 per
+mask_mode, k = B/2 exact and by each iterative mode, rtol = 0 with damping, the matrix-free "cg" route) at
+B = 64 … 16384 (``TABLE_BATCHES``; MLP 784-128-10 up to 256, 784-64-10 from 1024 on), interleaved with SGD and
+the default step, with fewer steps at large B (``TABLE_REPEATS``): median ms, the ratios to SGD and to the
+default step, one step's peak memory and the route. A knob whose first step raises ``SvenCostWarning`` (the
+library's "far off the fast path" warning, given before the costly part) is skipped with the warning as the
+reason. With CUDA available the same table is measured on the GPU and printed as more columns.
+Writes benchmarks/results/step_cost_<device>.json (step_cost_knobs_…, step_cost_large_batch_…, step_cost_table_…)
+and prints a table.
 """
 
 from __future__ import annotations
