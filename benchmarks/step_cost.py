@@ -37,7 +37,8 @@ B = 64 … 16384 (``TABLE_BATCHES``; MLP 784-128-10 up to 256, 784-64-10 from 10
 the default step, with fewer steps at large B (``TABLE_REPEATS``): median ms, the ratios to SGD and to the
 default step, one step's peak memory and the route. A knob whose first step raises ``SvenCostWarning`` (the
 library's "far off the fast path" warning, given before the costly part) is skipped with the warning as the
-reason. With CUDA available the same table is measured on the GPU and printed as more columns.
+reason; warnings of the timed steps (a later param_fraction draw, say) are recorded and the route marked.
+With CUDA available the same table is measured on the GPU and printed as more columns.
 Writes benchmarks/results/step_cost_<device>.json (step_cost_knobs_…, step_cost_large_batch_…, step_cost_table_…)
 and prints a table.
 """
@@ -514,6 +515,18 @@ def probe(step: Callable[[], None]) -> str | None:
     return None
 
 
+def recording(step: Callable[[], None], log: list[str]) -> Callable[[], None]:
+    """``step`` with the warnings it gives appended to ``log`` ("Category: message") instead of printed."""
+
+    def run() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SvenCostWarning)
+            step()
+        log.extend(f"{warning.category.__name__}: {warning.message}" for warning in caught)
+
+    return run
+
+
 def timed_with_peak(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
     """Seconds of one call of ``step`` and the peak memory (MB) it added (CUDA allocator, or ``HeapPeak``)."""
     if device.type == "cuda":
@@ -539,11 +552,13 @@ def table_rows(batch_size: int, device: torch.device, warmup: int) -> list[dict[
     steppers: dict[str, Callable[[], None]] = {"SGD": make_stepper("sgd", config, device)}
     optimizers: dict[str, Sven] = {}
     skipped: dict[str, str] = {}
+    logs: dict[str, list[str]] = {}
     for knob in TABLE_KNOBS:
         step, optimizer = sven_stepper(config, device, "gram", knob.options(batch_size), knob.wrapper)
         reason = probe(step)
         if reason is None:
-            steppers[knob.label], optimizers[knob.label] = step, optimizer
+            logs[knob.label] = []
+            steppers[knob.label], optimizers[knob.label] = recording(step, logs[knob.label]), optimizer
         else:
             skipped[knob.label] = reason
     for step in steppers.values():
@@ -576,7 +591,8 @@ def table_rows(batch_size: int, device: torch.device, warmup: int) -> list[dict[
         route = report.get("svd_mode", "-")
         rows.append({**row, "route": report.get("normal_equation_route", route) if route == "cg" else route,
                      "median_ms": ms[name], "steps": len(samples[name]), "ratio_to_sgd": ms[name] / ms["SGD"],
-                     "ratio_to_default": ms[name] / default if default else None, "peak_mb": peaks[name]})
+                     "ratio_to_default": ms[name] / default if default else None, "peak_mb": peaks[name],
+                     "warnings": sorted(set(logs.get(name, [])))})
     return rows
 
 
@@ -602,7 +618,8 @@ def full_table(rows: list[dict[str, Any]]) -> str:
     """The full knob table as markdown: a row per (B, knob), the CPU columns and, where measured, the GPU's."""
     gpu = {(row["batch_size"], row["knob"]): row for row in rows if row["device"] == "cuda"}
     cells = lambda row: (["skipped (warns)"] + ["-"] * 4 if "skipped" in row else [  # noqa: E731
-        row["route"], f"{row['median_ms']:.1f}", f"{row['ratio_to_sgd']:.1f}",
+        row["route"] + (" (warned)" if row["warnings"] else ""), f"{row['median_ms']:.1f}",
+        f"{row['ratio_to_sgd']:.1f}",
         "-" if row["ratio_to_default"] is None else f"{row['ratio_to_default']:.2f}", f"{row['peak_mb']:.1f}"])
     head = "| B | model | knob | route | ms | ÷ SGD | ÷ default | peak MB |"
     if gpu:
@@ -619,9 +636,10 @@ def full_table(rows: list[dict[str, Any]]) -> str:
 
 
 def skip_reasons(rows: list[dict[str, Any]]) -> str:
-    """Each skipped cell and the warning the library gave for it."""
-    return "\n".join(f"- B = {row['batch_size']}, {row['knob']} ({row['device']}): {row['skipped']}"
-                     for row in rows if "skipped" in row)
+    """Each skipped cell and the warning the library gave for it; the warnings of the timed steps."""
+    return "\n".join(f"- B = {row['batch_size']}, {row['knob']} ({row['device']}): "
+                     + (f"skipped: {row['skipped']}" if "skipped" in row else "; ".join(row["warnings"]))
+                     for row in rows if "skipped" in row or row.get("warnings"))
 
 
 LARGE_BATCHES = (1024, 4096, 8192, 16384)
