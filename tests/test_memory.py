@@ -19,6 +19,7 @@ from conftest import LargestAllocation, make_batch, make_mlp, per_sample_mse
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from sven.jacobian import MaskedJacobian
 from sven.nn import SvenWrapper
 from sven.opt import Sven, matrix_free
 
@@ -139,3 +140,17 @@ def test_fallback_holds_at_most_chunk_numel_per_sample_gradient_entries(chunks_p
     assert wrapped_plan["fallback_parameters"] == ["0.first", "0.second"]
     largest, op, _ = largest_allocation_of_a_step("gram", "gram", 64, model, fallback_chunk_numel=chunk_numel)
     assert largest <= chunk_numel < BATCH * 2 * width * width, f"{op} returned {largest} elements"
+
+
+def test_a_masked_jacobian_materialises_only_the_blocks_holding_its_columns() -> None:
+    """M[:, columns] for the last bias (8 columns) reads one small block: nothing near B·P, and rows > columns
+    (the Mᵀ M side's route) needs no more."""
+    model = make_mlp(SIZES, torch.float32)
+    wrapped = SvenWrapper(model, per_sample_mse, engine="gram")
+    wrapped.loss_and_grad(make_batch(BATCH, SIZES[0], SIZES[-1], torch.float32))
+    operator = wrapped.state.operator
+    columns = torch.arange(operator.shape[1] - SIZES[-1], operator.shape[1])
+    with LargestAllocation() as recorder:
+        kept = MaskedJacobian(operator, columns).dense()
+    assert recorder.numel < BATCH * operator.shape[1] // 4, f"{recorder.op} returned {recorder.numel} elements"
+    assert torch.equal(kept, operator.dense()[:, columns])

@@ -149,6 +149,21 @@ class GramJacobian(JacobianOperator):
     def dense(self) -> Tensor:
         return self._assemble([block.per_sample() for block in self.blocks], leading=(self.shape[0],))
 
+    def dense_columns(self, columns: Tensor) -> Tensor:
+        """M[:, columns] (rows, n): the per-sample gradients of the blocks holding a kept column, read at their
+        kept entries — never B × P (a block's own B × P_block at most)."""
+        rows = self.shape[0]
+        keep = torch.zeros(self.params.size, dtype=torch.bool, device=self.device)
+        keep[columns] = True
+        kept = [part.nonzero().squeeze(1) for part in keep.split(self.params.numels)]
+        pieces = [torch.zeros(rows, k.numel(), dtype=self.dtype, device=self.device) for k in kept]
+        for block in self.blocks:
+            positions = [self._position[id(p)] for p in block.params]
+            if any(kept[i].numel() for i in positions):
+                for i, grads in zip(positions, block.per_sample()):
+                    pieces[i] = grads.reshape(rows, -1)[:, kept[i]]
+        return torch.cat(pieces, dim=1)
+
 
 class GramEngine:
     """Plans hooks over a model once, then computes (losses, predictions, GramJacobian) per batch.

@@ -132,4 +132,4 @@ class MaskedJacobian(JacobianOperator):
         return self.base.rmatmul(u)[self.columns]
 
     def dense(self) -> Tensor:
-        return self.base.dense()[:, self.columns]
+        return self.base.dense_columns(self.columns)
