@@ -576,7 +576,8 @@ def table_rows(batch_size: int, device: torch.device, warmup: int) -> list[dict[
             else:
                 samples[name].append(timed(step, device))
     for name, step in steppers.items():
-        peaks.setdefault(name, timed_with_peak(step, device)[1])
+        if name not in peaks:
+            peaks[name] = timed_with_peak(step, device)[1]
     ms = {name: 1e3 * statistics.median(times) for name, times in samples.items()}
     default = ms.get(TABLE_KNOBS[0].label)
     params = sum(p.numel() for p in make_model(config, torch.device("cpu")).parameters())
