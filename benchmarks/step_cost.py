@@ -1,6 +1,7 @@
 """Cost of one training step: SGD, Sven on the Gram engine, and Sven on the reference SVD path.
 
-    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3] [--knobs | --large-batch]
+    .venv/bin/python benchmarks/step_cost.py [--device cpu|cuda] [--steps 20] [--warmup 3]
+                                             [--knobs | --large-batch | --table [--max-batch B]]
 
 Methods (each on its own copy of the same model, random data, no download):
   sgd         forward + backward of the mean loss + torch.optim.SGD.step
@@ -30,7 +31,16 @@ matrix, its shifted copy and factor fit in ``gram_memory``, 512 MiB: B ≤ 4729;
 the matrix-free route forced (gram_memory = 0) where auto does not take it; ms per step (median of
 ``--large-steps``), the ratio to an SGD step on the same batch, the normal-equation residual and the peak RSS growth
 (``resource.getrusage`` high-water mark after the steps minus before them).
-Writes benchmarks/results/step_cost_<device>.json (step_cost_knobs_…, step_cost_large_batch_…) and prints a table.
+``--table`` (``--threads 1 --clock cpu`` advised) times every knob of ``TABLE_KNOBS`` (param_fraction 0.5 per
+mask_mode, k = B/2 exact and by each iterative mode, rtol = 0 with damping, the matrix-free "cg" route) at
+B = 64 … 16384 (``TABLE_BATCHES``; MLP 784-128-10 up to 256, 784-64-10 from 1024 on), interleaved with SGD and
+the default step, with fewer steps at large B (``TABLE_REPEATS``): median ms, the ratios to SGD and to the
+default step, one step's peak memory and the route. A knob whose first step raises ``SvenCostWarning`` (the
+library's "far off the fast path" warning, given before the costly part) is skipped with the warning as the
+reason; warnings of the timed steps (a later param_fraction draw, say) are recorded and the route marked.
+With CUDA available the same table is measured on the GPU and printed as more columns.
+Writes benchmarks/results/step_cost_<device>.json (step_cost_knobs_…, step_cost_large_batch_…, step_cost_table_…)
+and prints a table.
 """
 
 from __future__ import annotations
@@ -43,8 +53,9 @@ import os
 import resource
 import statistics
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +65,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sven.bench.results import environment, write_json
+from sven.cost import SvenCostWarning
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 from sven.opt.pinv import truncated_spectrum
@@ -146,12 +158,12 @@ def make_stepper(method: str, config: Config, device: torch.device) -> Callable[
     return sven_stepper(config, device, engine, dict(k=k, rtol=RTOL, svd_mode=svd_mode))[0]
 
 
-def sven_stepper(config: Config, device: torch.device, engine: str, options: dict[str, Any]
-                 ) -> tuple[Callable[[], None], Sven]:
+def sven_stepper(config: Config, device: torch.device, engine: str, options: dict[str, Any],
+                 wrapper_options: dict[str, Any] | None = None) -> tuple[Callable[[], None], Sven]:
     """A closure taking one Sven step with ``options`` on ``engine`` (fixed batch), and its optimizer."""
     model = make_model(config, device)
     batch = make_batch(config, device)
-    wrapped = SvenWrapper(model, per_sample_cross_entropy, engine=engine)
+    wrapped = SvenWrapper(model, per_sample_cross_entropy, engine=engine, **(wrapper_options or {}))
     sven = Sven(wrapped, lr=SVEN_LR, **options)
 
     def sven_step() -> None:
@@ -159,6 +171,19 @@ def sven_stepper(config: Config, device: torch.device, engine: str, options: dic
         sven.step()
 
     return sven_step, sven
+
+
+def limit_threads(threads: int) -> None:
+    """torch's CPU threads and the BLAS threads of numpy and scipy to ``threads``.
+
+    ``sven.opt.eigen.top_eigh`` runs scipy's LAPACK, whose OpenBLAS threads ignore ``torch.set_num_threads``;
+    on a loaded machine they spin and the top-k eigenpairs of B = 256 take 38 ms of CPU time instead of 6.
+    """
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS, so that the limit reaches it)
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
 
 
 def synchronize(device: torch.device) -> None:
@@ -438,6 +463,186 @@ def run_knobs(device: torch.device, steps: int, warmup: int, out: Path) -> list[
     return rows
 
 
+TABLE_BATCHES = (64, 256, 1024, 4096, 16384)
+TABLE_REPEATS = {64: 20, 256: 20, 1024: 5, 4096: 1, 16384: 1}
+"""Timed steps of each knob at B (the median of these); with one, that step is also the memory step."""
+SGD_SAMPLES = 20
+"""SGD steps timed at every B (spread over the rounds): its medians set every ratio."""
+TABLE_DAMPING = 1e-3
+
+
+def table_config(batch_size: int) -> Config:
+    """MLP 784-128-10 up to B = 256, 784-64-10 (the large-batch model) from B = 1024 on."""
+    hidden = 128 if batch_size <= 256 else 64
+    return Config(f"mlp_784-{hidden}-10", batch_size, mlp(784, hidden, 10), (784,))
+
+
+@dataclass(frozen=True)
+class TableKnob:
+    """A row of the knob table: Sven's options at batch size B and the wrapper's options (Gram engine)."""
+
+    label: str
+    options: Callable[[int], dict[str, Any]]
+    wrapper: dict[str, Any] = field(default_factory=dict)
+
+
+TABLE_KNOBS = [
+    TableKnob("default (k = B)", lambda b: dict(k=b)),
+    *(TableKnob(f"param_fraction 0.5, {mode}", lambda b: dict(k=b), dict(param_fraction=0.5, mask_mode=mode))
+      for mode in ("rows", "tensor", "elementwise")),
+    TableKnob("k = B/2 (top-k eigh)", lambda b: dict(k=b // 2)),
+    *(TableKnob(f"{mode}, k = B/2", lambda b, mode=mode: dict(k=b // 2, svd_mode=mode))
+      for mode in ("randomized", "randomized_v2", "lobpcg", "scipy")),
+    TableKnob("rtol = 0, damping = 1e-3", lambda b: dict(k=b, rtol=0.0, damping=TABLE_DAMPING)),
+    TableKnob("cg (matrix-free), damping = 1e-3", lambda b: dict(k=b, damping=TABLE_DAMPING, svd_mode="cg",
+                                                                 gram_memory=0)),
+]
+"""The knobs of the full table (``--table``), each at every B of ``TABLE_BATCHES``."""
+
+
+def probe(step: Callable[[], None]) -> str | None:
+    """Take a first step with ``SvenCostWarning`` raised: the warning's text when the library warns, else None.
+
+    The warnings are raised before the costly part (the n × n solve, the entrywise masked Gram), so a cell the
+    library calls far off the fast path costs one forward and backward here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SvenCostWarning)
+        try:
+            step()
+        except SvenCostWarning as warning:
+            return str(warning)
+    return None
+
+
+def recording(step: Callable[[], None], log: list[str]) -> Callable[[], None]:
+    """``step`` with the warnings it gives appended to ``log`` ("Category: message") instead of printed."""
+
+    def run() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SvenCostWarning)
+            step()
+        log.extend(f"{warning.category.__name__}: {warning.message}" for warning in caught)
+
+    return run
+
+
+def timed_with_peak(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Seconds of one call of ``step`` and the peak memory (MB) it added (CUDA allocator, or ``HeapPeak``)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        seconds = timed(step, device)
+        return seconds, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with HeapPeak() as heap:
+        seconds = timed(step, device)
+    return seconds, (heap.peak - heap.baseline) / 2**20
+
+
+def table_rows(batch_size: int, device: torch.device, warmup: int) -> list[dict[str, Any]]:
+    """SGD and every knob of ``TABLE_KNOBS`` at ``batch_size``: probed, then timed round-robin.
+
+    Per knob: median ms of ``TABLE_REPEATS[B]`` steps, its ratio to SGD's median and to the default step's,
+    the peak memory of one step, the route taken; a knob whose first step warns (``probe``) is skipped with
+    the warning as the reason.
+    """
+    config = table_config(batch_size)
+    repeats = TABLE_REPEATS[batch_size]
+    steppers: dict[str, Callable[[], None]] = {"SGD": make_stepper("sgd", config, device)}
+    optimizers: dict[str, Sven] = {}
+    skipped: dict[str, str] = {}
+    logs: dict[str, list[str]] = {}
+    for knob in TABLE_KNOBS:
+        step, optimizer = sven_stepper(config, device, "gram", knob.options(batch_size), knob.wrapper)
+        reason = probe(step)
+        if reason is None:
+            logs[knob.label] = []
+            steppers[knob.label], optimizers[knob.label] = recording(step, logs[knob.label]), optimizer
+        else:
+            skipped[knob.label] = reason
+    for step in steppers.values():
+        for _ in range(warmup if repeats > 1 else 0):
+            timed(step, device)
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
+    peaks: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, step in steppers.items():
+            if name == "SGD":
+                samples[name] += [timed(step, device) for _ in range(-(-SGD_SAMPLES // repeats))]
+            elif repeats == 1:
+                seconds, peaks[name] = timed_with_peak(step, device)
+                samples[name].append(seconds)
+            else:
+                samples[name].append(timed(step, device))
+    for name, step in steppers.items():
+        if name not in peaks:
+            peaks[name] = timed_with_peak(step, device)[1]
+    ms = {name: 1e3 * statistics.median(times) for name, times in samples.items()}
+    default = ms.get(TABLE_KNOBS[0].label)
+    params = sum(p.numel() for p in make_model(config, torch.device("cpu")).parameters())
+    rows = []
+    for name in ["SGD", *(knob.label for knob in TABLE_KNOBS)]:
+        row: dict[str, Any] = {"batch_size": batch_size, "model": config.name, "params": params, "knob": name,
+                               "device": device.type}
+        if name in skipped:
+            rows.append({**row, "skipped": skipped[name]})
+            continue
+        report = optimizers[name].last_step if name in optimizers else {}
+        route = report.get("svd_mode", "-")
+        rows.append({**row, "route": report.get("normal_equation_route", route) if route == "cg" else route,
+                     "median_ms": ms[name], "steps": len(samples[name]), "ratio_to_sgd": ms[name] / ms["SGD"],
+                     "ratio_to_default": ms[name] / default if default else None, "peak_mb": peaks[name],
+                     "warnings": sorted(set(logs.get(name, [])))})
+    return rows
+
+
+def run_table(batches: list[int], devices: list[torch.device], cpu_clock: str, warmup: int, out: Path
+              ) -> list[dict[str, Any]]:
+    """``table_rows`` at every B on every device (the CPU on ``cpu_clock``, a GPU on the wall clock)."""
+    global clock
+    rows = []
+    for device in devices:
+        clock = CLOCKS[cpu_clock if device.type == "cpu" else "wall"]
+        for batch_size in batches:
+            load_before = os.getloadavg()[0]
+            measured = table_rows(batch_size, device, warmup)
+            load = [load_before, os.getloadavg()[0]]
+            rows += [{**row, "load_average_1min": load} for row in measured]
+            print(f"{device.type} B = {batch_size} done (1-min load {load[0]:.1f}–{load[1]:.1f})", flush=True)
+    write_json(out, {"environment": environment(devices[-1]), "cpu_clock": cpu_clock, "warmup": warmup,
+                     "repeats": TABLE_REPEATS, "sgd_samples": SGD_SAMPLES, "rows": rows})
+    return rows
+
+
+def full_table(rows: list[dict[str, Any]]) -> str:
+    """The full knob table as markdown: a row per (B, knob), the CPU columns and, where measured, the GPU's."""
+    gpu = {(row["batch_size"], row["knob"]): row for row in rows if row["device"] == "cuda"}
+    cells = lambda row: (["skipped (warns)"] + ["-"] * 4 if "skipped" in row else [  # noqa: E731
+        row["route"] + (" (warned)" if row["warnings"] else ""), f"{row['median_ms']:.1f}",
+        f"{row['ratio_to_sgd']:.1f}",
+        "-" if row["ratio_to_default"] is None else f"{row['ratio_to_default']:.2f}", f"{row['peak_mb']:.1f}"])
+    head = "| B | model | knob | route | ms | ÷ SGD | ÷ default | peak MB |"
+    if gpu:
+        head += " GPU route | GPU ms | GPU ÷ SGD | GPU ÷ default | GPU peak MB |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        if row["device"] != "cpu":
+            continue
+        columns = [str(row["batch_size"]), row["model"], row["knob"], *cells(row)]
+        if gpu:
+            columns += cells(gpu[(row["batch_size"], row["knob"])])
+        lines.append("| " + " | ".join(columns) + " |")
+    return "\n".join(lines)
+
+
+def skip_reasons(rows: list[dict[str, Any]]) -> str:
+    """Each skipped cell and the warning the library gave for it; the warnings of the timed steps."""
+    return "\n".join(f"- B = {row['batch_size']}, {row['knob']} ({row['device']}): "
+                     + (f"skipped: {row['skipped']}" if "skipped" in row else "; ".join(row["warnings"]))
+                     for row in rows if "skipped" in row or row.get("warnings"))
+
+
 LARGE_BATCHES = (1024, 4096, 8192, 16384)
 LARGE_DAMPING = 1e-3
 SGD_STEPS = 50
@@ -447,7 +652,7 @@ MATRIX_FREE = {"gram_memory": 0}
 def large_batch_row(batch_size: int, options: dict[str, Any], steps: int, threads: int | None) -> dict[str, Any]:
     """One Sven configuration on MLP 784-64-10 at ``batch_size`` (run in a fresh process for its RSS peak)."""
     if threads is not None:
-        torch.set_num_threads(threads)
+        limit_threads(threads)
     device = torch.device("cpu")
     config = Config("mlp_784-64-10", batch_size, mlp(784, 64, 10), (784,))
     sgd = make_stepper("sgd", config, device)
@@ -515,7 +720,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(LARGE_BATCHES),
                         help="batch sizes of --large-batch")
     parser.add_argument("--large-steps", type=int, default=2, help="timed Sven steps per row of --large-batch")
+    parser.add_argument("--table", action="store_true",
+                        help="the full knob table: every knob of TABLE_KNOBS at B = 64 … 16384, against SGD and the "
+                             "default step, on the CPU and (when torch.cuda.is_available()) the GPU")
+    parser.add_argument("--max-batch", type=int, default=max(TABLE_BATCHES),
+                        help="largest B of --table (a quicker run)")
     args = parser.parse_args(argv)
+    if args.table:
+        if args.threads is not None:
+            limit_threads(args.threads)
+        devices = [torch.device("cpu"), *([torch.device("cuda")] if torch.cuda.is_available() else [])]
+        out = args.out or RESULTS / f"step_cost_table_{'_'.join(device.type for device in devices)}.json"
+        rows = run_table([b for b in TABLE_BATCHES if b <= args.max_batch], devices, args.clock, args.warmup, out)
+        print(full_table(rows))
+        print(skip_reasons(rows))
+        print(f"\nwrote {out}")
+        return
     if args.large_batch:
         out = args.out or RESULTS / "step_cost_large_batch_cpu.json"
         print(large_batch_table(run_large_batches(args.batches, args.large_steps, args.threads, out)))
@@ -524,7 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 20:
         parser.error(f"--steps must be >= 20 (medians of at least 20 steps); got {args.steps}")
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
+        limit_threads(args.threads)
     device = torch.device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
         parser.error("--clock cpu measures CPU work; use the wall clock on a GPU")

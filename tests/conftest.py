@@ -88,6 +88,20 @@ def parameter_snapshot(model: nn.Module) -> list[Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+"""Parametrise a device-specific test over the CPU and (marked ``cuda``, skipped without one) a GPU."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped where ``torch.cuda.is_available()`` is False."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def single_thread() -> Iterator[None]:
     """Run the test with one intra-op thread: tiny tensors gain nothing from more, and a shared CPU stays responsive."""

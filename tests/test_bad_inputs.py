@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import STEP_TOLERANCE, flat_parameters, make_batch, make_mlp, parameter_snapshot, per_sample_mse
+from conftest import DEVICES, STEP_TOLERANCE, flat_parameters, make_batch, make_mlp, parameter_snapshot, per_sample_mse
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 from torch import Tensor, nn
 
@@ -193,7 +193,7 @@ def test_half_precision_models_step_close_to_the_float32_step(dtype: torch.dtype
     assert relative_error(steps[0], steps[1]) < tolerance
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA) to hold the model")
+@pytest.mark.cuda
 def test_a_batch_on_another_device_is_moved_to_the_model() -> None:
     model = make_mlp([3, 4, 2])
     reference = copy.deepcopy(model)
@@ -227,20 +227,22 @@ class FixedMask(nn.Module):
         return x * self.mask
 
 
-def test_dropout_uses_one_mask_for_the_losses_and_the_jacobian() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_uses_one_mask_for_the_losses_and_the_jacobian(device: str) -> None:
+    """engine="auto" checks its engine on the same masks: it replays the RNG of the model's device."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2)).double()
     masks = []
     model[2].register_forward_hook(lambda module, args, out: masks.append((out / args[0]).detach()))
-    wrapped = SvenWrapper(model, per_sample_mse)
+    wrapped = SvenWrapper(model, per_sample_mse, device=device)
     batch = make_batch(8, 3, 2)
     losses, _ = wrapped.loss_and_grad(batch)
-    assert bool((masks[0] == 0).any())
+    assert bool((masks[0] == 0).any()) and masks[0].device.type == device
     assert all(torch.equal(mask, masks[0]) for mask in masks), "engine='auto' checks its engine on the same masks"
-    frozen_mask = nn.Sequential(model[0], model[1], FixedMask(masks[0]), model[3])
+    frozen_mask = nn.Sequential(model[0], model[1], FixedMask(masks[0]), model[3]).cpu()
     residuals, jacobian = reference_residuals_and_jacobian(frozen_mask, per_sample_mse, batch)
-    assert relative_error(losses, residuals) < 1e-12
-    assert relative_error(wrapped.state.operator.dense(), jacobian) < 1e-12
+    assert relative_error(losses.cpu(), residuals) < 1e-12
+    assert relative_error(wrapped.state.operator.dense().cpu(), jacobian) < 1e-12
 
 
 class ScaledFeatures(nn.Module):

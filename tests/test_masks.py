@@ -155,3 +155,19 @@ def test_auto_picks_the_gram_engine_for_any_param_fraction() -> None:
     wrapped = SvenWrapper(make_mlp([4, 6, 3]), per_sample_mse, param_fraction=0.5)
     wrapped.loss_and_grad(make_batch(8, 4, 3))
     assert wrapped.engine_plan()["engine"] == "gram" and isinstance(wrapped.state.operator, MaskedJacobian)
+
+
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_the_masked_finiteness_check_forms_no_gram_matrix_and_finds_the_bad_row(mode: str) -> None:
+    """Finite factors: no non-finite row and no Gram matrix formed; a NaN input: exactly the rows of M with a NaN."""
+    model, (x, y) = _model_and_batch("fallback")
+    wrapped = SvenWrapper(model, per_sample_squared_error, param_fraction=0.5, mask_mode=mode, engine="gram")
+    wrapped.loss_and_grad((x, y))
+    operator = wrapped.state.operator
+    assert not bool(operator.nonfinite_rows().any()) and "_cached_gram" not in operator.__dict__
+    x[2, 1] = float("nan")
+    wrapped.loss_and_grad((x, y))
+    operator = wrapped.state.operator
+    expected = ~torch.isfinite(operator.dense()).all(dim=1)
+    assert expected.tolist() == [i == 2 for i in range(x.shape[0])]
+    assert torch.equal(operator.nonfinite_rows(), expected)

@@ -19,6 +19,7 @@ from conftest import LargestAllocation, make_batch, make_mlp, per_sample_mse
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from sven.jacobian import MaskedJacobian
 from sven.nn import SvenWrapper
 from sven.opt import Sven, matrix_free
 
@@ -93,15 +94,19 @@ def test_param_fraction_on_the_gram_engine_allocates_nothing_of_jacobian_size(ma
     assert largest < jacobian_size // 4, f"{op} returned {largest} elements; B·P = {jacobian_size}"
 
 
+@pytest.mark.parametrize("mask_mode", [None, "rows", "elementwise"])
 @pytest.mark.parametrize("gram_memory, squares", [(0, False), (2**30, True)], ids=["matrix_free", "cholesky"])
-def test_the_matrix_free_route_allocates_no_b_by_b_tensor(monkeypatch, gram_memory: int, squares: bool) -> None:
+def test_the_matrix_free_route_allocates_no_b_by_b_tensor(monkeypatch, gram_memory: int, squares: bool,
+                                                          mask_mode: str | None) -> None:
     """svd_mode "cg" past the budget: nothing B × B and nothing B × P; within it (Cholesky) the detector trips.
 
-    The Nyström sketch takes 8 < B columns (the model has no dimension of size B).
+    The Nyström sketch takes 2 columns (no dimension of the model, nor 2·d_out, is B; the masked operator multiplies
+    through Mᵀ U, P × 2 < B·P / 4). With param_fraction the finiteness check must not form the masked Gram matrix.
     """
-    monkeypatch.setattr(matrix_free, "PRECONDITIONER_RANK", 8)
+    monkeypatch.setattr(matrix_free, "PRECONDITIONER_RANK", 2)
+    masks = {} if mask_mode is None else dict(param_fraction=0.5, mask_mode=mask_mode)
     recorder, jacobian_size = recorded_step("gram", "cg", BATCH, recorder=SquareAllocation(BATCH),
-                                            options=dict(damping=1e-3, gram_memory=gram_memory))
+                                            options=dict(damping=1e-3, gram_memory=gram_memory), **masks)
     assert bool(recorder.square_ops) == squares, f"B × B tensors from {sorted(recorder.square_ops)}"
     assert recorder.numel < jacobian_size // 4, f"{recorder.op} returned {recorder.numel} elements"
 
@@ -135,3 +140,17 @@ def test_fallback_holds_at_most_chunk_numel_per_sample_gradient_entries(chunks_p
     assert wrapped_plan["fallback_parameters"] == ["0.first", "0.second"]
     largest, op, _ = largest_allocation_of_a_step("gram", "gram", 64, model, fallback_chunk_numel=chunk_numel)
     assert largest <= chunk_numel < BATCH * 2 * width * width, f"{op} returned {largest} elements"
+
+
+def test_a_masked_jacobian_materialises_only_the_blocks_holding_its_columns() -> None:
+    """M[:, columns] for the last bias (8 columns) reads one small block: nothing near B·P, and rows > columns
+    (the Mᵀ M side's route) needs no more."""
+    model = make_mlp(SIZES, torch.float32)
+    wrapped = SvenWrapper(model, per_sample_mse, engine="gram")
+    wrapped.loss_and_grad(make_batch(BATCH, SIZES[0], SIZES[-1], torch.float32))
+    operator = wrapped.state.operator
+    columns = torch.arange(operator.shape[1] - SIZES[-1], operator.shape[1])
+    with LargestAllocation() as recorder:
+        kept = MaskedJacobian(operator, columns).dense()
+    assert recorder.numel < BATCH * operator.shape[1] // 4, f"{recorder.op} returned {recorder.numel} elements"
+    assert torch.equal(kept, operator.dense()[:, columns])

@@ -13,6 +13,7 @@ from conftest import CASES, LR, STEP_TOLERANCE, Case, per_sample_mse, sven_step
 from reference import EPS64, reference_direction, reference_residuals_and_jacobian, relative_error
 
 import sven.opt.pinv as pinv
+from sven.cost import SvenCostWarning
 from sven.jacobian import DenseJacobian
 from sven.opt.eigen import top_eigh
 from sven.opt.pinv import truncated_spectrum
@@ -78,7 +79,7 @@ def test_auto_takes_lq_below_the_resolved_rtol_and_never_an_svd_of_m(case_name: 
     base = CASES[case_name]
     case = Case(base.sizes, base.batch_size, rtol=1e-8, duplicated=base.duplicated)
     spy = SolverSpy(monkeypatch)
-    with pytest.warns(RuntimeWarning, match=r"undamped rtol=1e-08 .* takes 'lq'.* Pass damping > 0") as caught:
+    with pytest.warns(SvenCostWarning, match=r"undamped rtol=1e-08 .* takes 'lq'.* Pass damping > 0") as caught:
         step, optimizer = sven_step(case, torch.float64, "gram", "auto")
     rows, cols = reference_jacobian(case)[1].shape
     assert any(f"the {rows} × {cols} Jacobian is materialised" in str(w.message) for w in caught)

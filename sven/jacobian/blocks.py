@@ -7,7 +7,8 @@ having to know the layer type:
 - ``gram()``: the (B, B) float64 matrix ⟨g_i, g_j⟩;
 - ``weighted_sum(c)``: Σ_i c_i g_i, one tensor per parameter (the update Mᵀc);
 - ``per_sample()``: the g_i themselves, (B, *param.shape) per parameter;
-- ``masked_gram(keep)``: ⟨g_i, g_j⟩ over some entries only (``param_fraction``);
+- ``masked_gram(keep)``: ⟨g_i, g_j⟩ over some entries only (``param_fraction``), and
+  ``entrywise_entries(keep)``: how many of them it sums one by one (B² multiply-adds each);
 - ``add_gram(out, rows_per_block)`` and ``gram_matmul(u)``: the Gram share assembled a block of rows at a
   time, and Σ_j ⟨g_i, g_j⟩ u_j without it (large batches, ``sven.opt.matrix_free``).
 
@@ -71,6 +72,13 @@ class GradientBlock(ABC):
         """
         grads = [g.reshape(g.shape[0], -1)[:, k] for g, k in zip(self.per_sample(), keep)]
         return MaterializedBlock(self.params, grads).gram()
+
+    def entrywise_entries(self, keep: Sequence[Tensor]) -> int:
+        """How many of the kept entries ``masked_gram(keep)`` sums one by one (it costs B² multiply-adds each).
+
+        This default (which gathers them from ``per_sample()``): all of them.
+        """
+        return sum(int(k.sum()) for k in keep)
 
     @classmethod
     def summed(cls, blocks: list[GradientBlock]) -> GradientBlock:
@@ -262,13 +270,23 @@ class OuterProductBlock(GradientBlock):
             dots = dots + self.backprops.sum(dim=1).to(torch.float64) @ values[1].reshape(-1).to(torch.float64)
         return dots
 
-    def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
-        """Whole kept weight rows (output units) take ``gram()`` on their backprops G_S, T = 1: (A Aᵀ) ⊙ (G_S G_Sᵀ);
-        partly kept rows sum their kept per-sample entries, built a chunk of rows at a time."""
+    def _kept_rows(self, keep: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
+        """The weight's keep mask (d_out, d_in), its whole and partly kept rows (d_out,), the bias keep mask and
+        whether it equals the whole rows (the bias then joins their factored Gram)."""
         rows = keep[0].view(self.backprops.shape[-1], -1)
         whole, partial = rows.all(dim=1), rows.any(dim=1) & ~rows.all(dim=1)
         bias_keep = keep[1] if self.bias is not None else None
-        joint_bias = bias_keep is not None and torch.equal(bias_keep, whole)
+        return rows, whole, partial, bias_keep, bias_keep is not None and torch.equal(bias_keep, whole)
+
+    def entrywise_entries(self, keep: Sequence[Tensor]) -> int:
+        """The kept entries of partly kept weight rows, and of the bias unless it joins the whole rows."""
+        rows, _, partial, bias_keep, joint_bias = self._kept_rows(keep)
+        return int(rows[partial].sum()) + (0 if bias_keep is None or joint_bias else int(bias_keep.sum()))
+
+    def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
+        """Whole kept weight rows (output units) take ``gram()`` on their backprops G_S, T = 1: (A Aᵀ) ⊙ (G_S G_Sᵀ);
+        partly kept rows sum their kept per-sample entries, built a chunk of rows at a time."""
+        rows, whole, partial, bias_keep, joint_bias = self._kept_rows(keep)
         gram = torch.zeros(self.activations.shape[0], self.activations.shape[0], dtype=torch.float64,
                            device=self.activations.device)
         if bool(whole.any()):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map_only
 
+from sven.cost import entrywise_gram_cost, warn_cost
 from sven.jacobian.blocks import GradientBlock
 from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
 from sven.jacobian.fallback import RecomputedBlock
@@ -116,15 +117,24 @@ class GramJacobian(JacobianOperator):
         return math.isfinite(float(totals.sum())) or super().all_rows_finite()
 
     def masked_gram(self, columns: Tensor) -> Tensor:
-        """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M."""
+        """Σ of the blocks' Gram shares over the chosen columns (``GradientBlock.masked_gram``), never forming M.
+
+        Warns (``SvenCostWarning``) first when the entries summed one by one cost far more than the full Gram.
+        """
         keep = [piece for piece in columns.split(self.params.numels)]
         gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+        partial = []
         for block in self.blocks:
             kept = [keep[self._position[id(p)]] for p in block.params]
             if all(bool(k.all()) for k in kept):
                 gram += block.gram()
             elif any(bool(k.any()) for k in kept):
-                gram += block.masked_gram(kept)
+                partial.append((block, kept))
+        cost = entrywise_gram_cost(self.shape[0], sum(block.entrywise_entries(kept) for block, kept in partial))
+        if cost is not None:
+            warn_cost(cost)
+        for block, kept in partial:
+            gram += block.masked_gram(kept)
         return gram
 
     def matmul(self, v: Tensor) -> Tensor:
@@ -145,6 +155,21 @@ class GramJacobian(JacobianOperator):
 
     def dense(self) -> Tensor:
         return self._assemble([block.per_sample() for block in self.blocks], leading=(self.shape[0],))
+
+    def dense_columns(self, columns: Tensor) -> Tensor:
+        """M[:, columns] (rows, n): the per-sample gradients of the blocks holding a kept column, read at their
+        kept entries — never B × P (a block's own B × P_block at most)."""
+        rows = self.shape[0]
+        keep = torch.zeros(self.params.size, dtype=torch.bool, device=self.device)
+        keep[columns] = True
+        kept = [part.nonzero().squeeze(1) for part in keep.split(self.params.numels)]
+        pieces = [torch.zeros(rows, k.numel(), dtype=self.dtype, device=self.device) for k in kept]
+        for block in self.blocks:
+            positions = [self._position[id(p)] for p in block.params]
+            if any(kept[i].numel() for i in positions):
+                for i, grads in zip(positions, block.per_sample()):
+                    pieces[i] = grads.reshape(rows, -1)[:, kept[i]]
+        return torch.cat(pieces, dim=1)
 
 
 class GramEngine:

@@ -116,6 +116,13 @@ class MaskedJacobian(JacobianOperator):
     def masked_gram(self, columns: Tensor) -> Tensor:
         return self.base.masked_gram(self._full_mask(columns))
 
+    def nonfinite_rows(self) -> Tensor:
+        """Rows of M holding a NaN or Inf: none while the base's rows are finite (M's entries are some of the
+        base's), which its factors tell without a Gram matrix; else the masked Gram diagonal decides."""
+        if "_cached_gram" in self.__dict__ or bool(self.base.nonfinite_rows().any()):
+            return super().nonfinite_rows()
+        return torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
+
     def matmul(self, v: Tensor) -> Tensor:
         full = torch.zeros(self.base.shape[1], *v.shape[1:], dtype=v.dtype, device=v.device)
         full[self.columns] = v
@@ -125,4 +132,4 @@ class MaskedJacobian(JacobianOperator):
         return self.base.rmatmul(u)[self.columns]
 
     def dense(self) -> Tensor:
-        return self.base.dense()[:, self.columns]
+        return self.base.dense_columns(self.columns)

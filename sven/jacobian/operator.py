@@ -54,6 +54,11 @@ class JacobianOperator(ABC):
     def dense(self) -> Tensor:
         """M itself, shape (rows, cols), in the operator's dtype (may materialise it)."""
 
+    def dense_columns(self, columns: Tensor) -> Tensor:
+        """M[:, columns] (rows, n) for sorted flat indices (n,); this default materialises M, factored operators
+        override it."""
+        return self.dense()[:, columns]
+
     def gram_matmul(self, u: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         """M Mᵀ u for u (rows,) or (rows, m), float64, without forming M Mᵀ.
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sven.cost import route_cost, warn_cost
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.options import StepSettings
 from sven.opt.pinv import resolve_mode, truncated_spectrum
@@ -27,16 +28,16 @@ def smallest_damping(settings: StepSettings) -> float:
     return settings.schedule.minimum if settings.adaptive else settings.fixed_damping
 
 
-def lq_warning(shape: tuple[int, int], rtol: float) -> str:
+def lq_cost(shape: tuple[int, int], rtol: float) -> str:
     """Why "auto" left the Gram route for "lq" on an M of ``shape`` (rows, cols), what it costs and what to use."""
     rows, cols = shape
     size = min(shape)
     floor = RESOLVED_MARGIN * eig_floor(size)
-    megabytes = rows * cols * 8 / 1e6
-    return (f"Sven: undamped rtol={rtol:g} is below what the {size} × {size} Gram matrix resolves "
-            f"(rtol ≥ {floor:.1e}), so svd_mode 'auto' takes 'lq': the {rows} × {cols} Jacobian is materialised "
-            f"in float64 ({megabytes:.0f} MB) and factorised (2·{size}²·{max(shape)} flops), typically 50–200× the "
-            f"Gram step. Pass damping > 0 (any rtol then stays on the Gram route) or rtol ≥ {floor:.1e}.")
+    return (f"undamped rtol={rtol:g} is below what the {size} × {size} Gram matrix resolves (rtol ≥ {floor:.1e}), "
+            f"so svd_mode 'auto' takes 'lq': the {rows} × {cols} Jacobian is materialised in float64 "
+            f"({rows * cols * 8 / 1e6:.1f} MB) and factorised (2·{size}²·{max(shape)} flops), typically 50–200× "
+            "the Gram step. "
+            f"Pass damping > 0 (any rtol then stays on the Gram route) or rtol ≥ {floor:.1e}.")
 
 
 def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator: torch.Generator | None
@@ -45,13 +46,16 @@ def solve_spectrum(operator: JacobianOperator, settings: StepSettings, generator
 
     "auto" learns the smallest λ the step may use (``smallest_damping``): with λ > 0 it stays on the Gram route,
     or solves matrix-free ("cg") when every row is kept (no rank search) and the Gram matrix exceeds
-    ``gram_memory``.
+    ``gram_memory``. A route far off the fast path (``sven.cost.route_cost``) warns before it runs.
     """
     damping = smallest_damping(settings)
-    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping,
-                        1 if settings.variable_k else settings.k, settings.gram_memory)
-    if settings.svd_mode == "auto" and mode == "lq":
-        warnings.warn(lq_warning(operator.shape, settings.rtol), RuntimeWarning, stacklevel=4)
+    smallest_k = 1 if settings.variable_k else settings.k
+    mode = resolve_mode(settings.svd_mode, operator.shape, settings.rtol, damping, smallest_k, settings.gram_memory)
+    cost = route_cost(mode, operator.shape, smallest_k, damping, settings.gram_memory)
+    if cost is None and settings.svd_mode == "auto" and mode == "lq":
+        cost = lq_cost(operator.shape, settings.rtol)
+    if cost is not None:
+        warn_cost(cost)
 
     def solve(name: str) -> Spectrum:
         return truncated_spectrum(operator, name, settings.k, settings.rtol, settings.solver_options, generator,

@@ -52,6 +52,10 @@ class EmbeddingBlock(GradientBlock):
     def gram(self) -> Tensor:
         return self._gram(*self._sample_token_rows())
 
+    def entrywise_entries(self, keep: Sequence[Tensor]) -> int:
+        """0: ``masked_gram`` zeroes the unkept columns of the pair rows and costs what ``gram()`` does."""
+        return 0
+
     def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
         """The Gram of the pair rows with the entries of unkept columns set to zero."""
         samples, tokens, rows = self._sample_token_rows()
