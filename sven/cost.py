@@ -63,6 +63,17 @@ def route_cost(mode: str, shape: tuple[int, int], k: int, damping: float, gram_m
     return f"{cost}; {advice}."
 
 
+def regularized_cost(rows: int, gram_memory: int) -> str | None:
+    """Why the weight-decay solve of ``rows`` rows is far off the fast path (its rows × rows float64 matrices
+    exceed ``gram_memory``), or None."""
+    if 3 * rows * rows * 8 <= gram_memory:
+        return None
+    return (f"weight_decay / fisher_decay solve in rows × rows form: the {rows} × {rows} float64 Gram matrix "
+            f"({_gib(rows * rows)}), one more per decay class, above gram_memory = {gram_memory / 2**20:.0f} MiB, "
+            f"and an eigendecomposition of ~{float(rows) ** 3:.1e} flops (minutes on a CPU); use fewer rows per "
+            "step, decoupled_weight_decay (no extra matrix), or raise gram_memory to accept this cost.")
+
+
 def entrywise_gram_cost(rows: int, entries: int) -> str | None:
     """Why a masked Gram matrix summing ``entries`` kept entries one by one is far off the fast path, or None."""
     multiply_adds = rows * rows * entries

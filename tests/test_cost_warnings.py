@@ -13,6 +13,7 @@ import sven.cost
 from sven.cost import SvenCostWarning, entrywise_gram_cost, route_cost
 from sven.jacobian import OuterProductBlock
 from sven.nn import SvenWrapper
+from sven.opt import Sven
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -99,3 +100,14 @@ def test_an_entrywise_masked_gram_past_the_limit_warns_and_stays_exact(
     if warns:
         assert "mask_mode='elementwise'" in cost_warnings[0]
     assert relative_error(gram, jacobian @ jacobian.T) <= 1e-12
+
+
+def test_weight_decay_past_gram_memory_warns_with_its_matrices_and_the_decoupled_alternative() -> None:
+    """The regularised solve forms rows × rows matrices; past gram_memory it says so before it pays."""
+    model = make_mlp([3, 6, 2])
+    wrapped = SvenWrapper(model, per_sample_mse)
+    optimizer = Sven(wrapped, lr=0.1, weight_decay=1e-3, gram_memory=64)
+    wrapped.loss_and_grad(make_batch(12, 3, 2))
+    with pytest.warns(SvenCostWarning, match=r"weight_decay / fisher_decay .* 12 × 12 float64 .*decoupled"):
+        optimizer.step()
+    assert sven.cost.regularized_cost(4729, BUDGET) is None

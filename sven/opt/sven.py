@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sven.cost import regularized_cost, warn_cost
 from sven.jacobian.checks import all_finite
 from sven.jacobian.operator import JacobianOperator
 from sven.nn.wrapper import JacobianState, SvenWrapper
@@ -253,6 +254,9 @@ class Sven(torch.optim.Optimizer):
             decay = self._per_column("weight_decay", columns)
             theta = self.wrapped.params.flatten([p.detach() for p in self.wrapped.params.tensors])
             theta = theta if columns is None else theta[columns]
+            cost = regularized_cost(operator.shape[0], settings.gram_memory)
+            if cost is not None:
+                warn_cost(cost)
             return SolveOutcome(RegularizedSolve(operator, theta, decay, settings.fisher_decay, settings.relative),
                                 "regularized")
         generator = self.solver_generator if settings.svd_mode in ("randomized", "randomized_v2") else None
