@@ -73,6 +73,11 @@ class GradientBlock(ABC):
         grads = [g.reshape(g.shape[0], -1)[:, k] for g, k in zip(self.per_sample(), keep)]
         return MaterializedBlock(self.params, grads).gram()
 
+    def add_masked_gram(self, out: Tensor, keep: Sequence[Tensor], rows_per_block: int) -> None:
+        """out (B, B) float64 += ``masked_gram(keep)``; blocks with a row form build it ``rows_per_block`` rows at a
+        time. This default forms the whole (B, B) share at once."""
+        out += self.masked_gram(keep)
+
     def entrywise_entries(self, keep: Sequence[Tensor]) -> int:
         """How many of the kept entries ``masked_gram(keep)`` sums one by one (it costs B² multiply-adds each).
 
@@ -284,35 +289,38 @@ class OuterProductBlock(GradientBlock):
         return int(rows[partial].sum()) + (0 if bias_keep is None or joint_bias else int(bias_keep.sum()))
 
     def masked_gram(self, keep: Sequence[Tensor]) -> Tensor:
-        """Whole kept weight rows (output units) take ``gram()`` on their backprops G_S, T = 1: (A Aᵀ) ⊙ (G_S G_Sᵀ);
-        partly kept rows sum their kept per-sample entries, built a chunk of rows at a time."""
+        batch = self.activations.shape[0]
+        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.activations.device)
+        self.add_masked_gram(gram, keep, batch)
+        return gram
+
+    def add_masked_gram(self, out: Tensor, keep: Sequence[Tensor], rows_per_block: int) -> None:
+        """Whole kept weight rows (output units) add ``gram()`` on their backprops G_S, T = 1: (A Aᵀ) ⊙ (G_S G_Sᵀ),
+        ``rows_per_block`` rows at a time like the full Gram (no (B, B) temporary); partly kept rows add their kept
+        per-sample entries, a chunk of rows at a time, into ``out`` itself."""
         rows, whole, partial, bias_keep, joint_bias = self._kept_rows(keep)
-        gram = torch.zeros(self.activations.shape[0], self.activations.shape[0], dtype=torch.float64,
-                           device=self.activations.device)
         if bool(whole.any()):
             units = OuterProductBlock(self.weight, self.bias if joint_bias else None, self.activations,
                                       self.backprops[..., whole])
-            gram += units.gram()
+            units.add_gram(out, rows_per_block)
         if bias_keep is not None and not joint_bias and bool(bias_keep.any()):
-            gram += MaterializedBlock((self.bias,), [self.backprops.sum(dim=1)[:, bias_keep]]).gram()
+            sums = self.backprops.sum(dim=1)[:, bias_keep].to(torch.float64)
+            out.addmm_(sums, sums.T)
         if bool(partial.any()):
-            gram += self._entrywise_gram(rows, partial.nonzero().squeeze(1))
-        return gram
+            self._add_entrywise_gram(out, rows, partial.nonzero().squeeze(1))
 
-    def _entrywise_gram(self, keep_rows: Tensor, units: Tensor) -> Tensor:
-        """Σ over the kept entries of weight rows ``units`` (u,) of g_i g_jᵀ; keep_rows (d_out, d_in) boolean.
+    def _add_entrywise_gram(self, out: Tensor, keep_rows: Tensor, units: Tensor) -> None:
+        """out (B, B) += Σ over the kept entries of weight rows ``units`` (u,) of g_i g_jᵀ; keep_rows (d_out, d_in).
 
         A group of rows at a time, the kept per-sample entries Σ_t b_to a_ti (B, kept) in float64,
         gathered straight from the factors: at most B·T·(d_in + d_out) values per group.
         """
-        batch, _, d_in = self.activations.shape
-        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.activations.device)
+        d_in = self.activations.shape[-1]
         for group in units.split(max(1, (d_in + self.backprops.shape[-1]) // d_in)):
             rows, inputs = keep_rows[group].nonzero().unbind(1)
             per_sample = self.activations[..., inputs].to(torch.float64)
             per_sample = per_sample.mul_(self.backprops[..., group[rows]]).sum(dim=1)
-            gram += per_sample @ per_sample.T
-        return gram
+            out.addmm_(per_sample, per_sample.T)
 
     def weighted_sum(self, coeffs: Tensor) -> list[Tensor]:
         batch, tokens, d_in = self.activations.shape

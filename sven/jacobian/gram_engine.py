@@ -122,19 +122,21 @@ class GramJacobian(JacobianOperator):
         Warns (``SvenCostWarning``) first when the entries summed one by one cost far more than the full Gram.
         """
         keep = [piece for piece in columns.split(self.params.numels)]
-        gram = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64, device=self.device)
+        batch = self.shape[0]
+        rows_per_block = max(1, GRAM_ROW_BLOCK_ELEMENTS // batch)
+        gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.device)
         partial = []
         for block in self.blocks:
             kept = [keep[self._position[id(p)]] for p in block.params]
             if all(bool(k.all()) for k in kept):
-                gram += block.gram()
+                block.add_gram(gram, rows_per_block)
             elif any(bool(k.any()) for k in kept):
                 partial.append((block, kept))
-        cost = entrywise_gram_cost(self.shape[0], sum(block.entrywise_entries(kept) for block, kept in partial))
+        cost = entrywise_gram_cost(batch, sum(block.entrywise_entries(kept) for block, kept in partial))
         if cost is not None:
             warn_cost(cost)
         for block, kept in partial:
-            gram += block.masked_gram(kept)
+            block.add_masked_gram(gram, kept, rows_per_block)
         return gram
 
     def matmul(self, v: Tensor) -> Tensor:
