@@ -63,7 +63,8 @@ def study_parser() -> argparse.ArgumentParser:
                         help="compare: all optimizers (Figure 1); k, rtol: Sven sweeps on the training loss "
                              "(Figure 2); microbatch_size, param_fraction: Figure 3; spectrum: Figures 2 and 4; "
                              "lm: Sven variants against Levenberg–Marquardt, Adam and L-BFGS (grids.LM_STUDY); "
-                             "demo: the settings tried for the demo (grids.DEMO_STUDY)")
+                             "demo: the settings tried for the demo (grids.DEMO_STUDY); rmsprop_lr: the RMSProp-scaled "
+                             "Sven at each lr of the paper's cross-entropy grid (grids.RMSPROP_LR_STUDY)")
     parser.add_argument("--optimizers", type=_optimizer_list, default=list(DEFAULT_OPTIMIZERS),
                         help=f"comma-separated subset of {','.join(OPTIMIZER_NAMES)}, for --study compare only "
                              f"(default {','.join(DEFAULT_OPTIMIZERS)}; lm needs torch-levenberg-marquardt)")
@@ -97,21 +98,28 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
-    """Run the study the arguments describe, print its table and write ``OUT/TASK-STUDY.{json,png}``."""
+    """Run the study the arguments describe, print its table and write ``OUT/TASK-STUDY.{json,png}``.
+
+    A compare run rewrites its JSON after each optimizer (with ``pending``), so stopping it keeps what finished."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
+    name = result_name(args.task, args.study, dict(args.overrides))
+    json_path = args.out / f"{name}.json"
+    started, load_at_start = time.perf_counter(), load_average()
+
+    def save(payload: dict[str, Any]) -> dict[str, Any]:
+        payload.update(name=name, command=command_line(argv), environment=environment(args.device),
+                       total_seconds=time.perf_counter() - started,
+                       load_average={"start": load_at_start, "end": load_average()})
+        write_json(json_path, payload)
+        return payload
+
     options = StudyOptions(optimizers=args.optimizers, epochs=args.epochs, seeds=args.seeds, grid=args.grid,
                            grid_epochs=args.grid_epochs, subset=args.subset, device=args.device,
-                           data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides))
-    started, load_at_start = time.perf_counter(), load_average()
-    payload = run_study(args.study, args.task, options)
-    name = result_name(args.task, args.study, options.overrides)
-    payload.update(name=name, command=command_line(argv), environment=environment(args.device),
-                   total_seconds=time.perf_counter() - started,
-                   load_average={"start": load_at_start, "end": load_average()})
-    json_path = args.out / f"{name}.json"
-    write_json(json_path, payload)
+                           data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides),
+                           checkpoint=save)
+    payload = save(run_study(args.study, args.task, options))
     figure = plot_study(payload, args.out / f"{name}.png")
     if payload["runs"]:
         print(text_table(*summary_table(payload)))
