@@ -10,10 +10,19 @@ import pytest
 import torch
 
 from sven.bench.cli import main
-from sven.bench.grids import FIXED_DAMPING, HYPERPARAMETERS, LM_STUDY, default_settings, grid_settings, sweep_values
+from sven.bench.grids import (
+    FIXED_DAMPING,
+    HYPERPARAMETERS,
+    LM_STUDY,
+    RMSPROP_LR,
+    default_settings,
+    grid_settings,
+    sweep_values,
+)
 from sven.bench.mnist import MNIST_FILES
 from sven.bench.optimizers import OPTIMIZER_NAMES, SvenStepper, make_stepper
 from sven.bench.results import read_json
+from sven.bench.studies import StudyOptions, run_study
 from sven.bench.tasks import DEFAULT_MNIST_DIR, TASK_BUILDERS, build_task, monomial_exponents, poly, toy1d, toy1d_target
 from sven.bench.timing import final_val_loss, race, time_to_target, validation_curve
 from sven.bench.train import train
@@ -117,6 +126,31 @@ def test_grids_live_in_one_table_and_resolve_the_batch_size() -> None:
         default_settings("adamw", "regression", 32)
 
 
+def test_the_rmsprop_sven_variant_defaults_to_the_chosen_lr_and_searches_the_papers_grid() -> None:
+    assert default_settings("sven-rmsprop", "cross_entropy", 64) == {"lr": RMSPROP_LR, "k": 64, "rtol": 1e-3,
+                                                                     "rmsprop": "pre"}
+    assert grid_settings("sven-rmsprop", "cross_entropy", 64) == grid_settings("sven", "cross_entropy", 64)
+    task = build_task("digits-ce").subset(32)
+    stepper = make_stepper("sven-rmsprop", task.build_model(), task, torch.device("cpu"),
+                           default_settings("sven-rmsprop", "cross_entropy", 32))
+    assert isinstance(stepper, SvenStepper) and stepper.optimizer.defaults["rmsprop"] == "pre"
+
+
+def test_rmsprop_lr_study_runs_each_lr_of_the_papers_grid_and_the_report_shows_it(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    run_cli("digits-ce", "--study", "rmsprop_lr", "--epochs", "1", "--subset", "64", "--out", str(results))
+    payload = read_json(results / "digits-ce-rmsprop_lr.json")
+    lrs = [1.0, 10.0, 50.0, 100.0]
+    assert [run["label"] for run in payload["runs"]] == [f"sven-rmsprop lr={lr}" for lr in lrs]
+    assert [run["settings"] for run in payload["runs"]] == [{"lr": lr, "k": 32, "rtol": 1e-3, "rmsprop": "pre"}
+                                                            for lr in lrs]
+    page = render_report(results, tmp_path)
+    first = payload["runs"][0]
+    assert f"| sven-rmsprop lr=1.0 | lr=1.0, k=32, rtol=0.001, rmsprop=pre | " \
+           f"{first['history']['train_loss'][-1]:.3e} | {first['history']['val_loss'][-1]:.3e} | " in page
+    assert (tmp_path / "figures" / "digits-ce-rmsprop_lr.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_grid_search_keeps_the_configuration_with_the_lowest_final_validation_loss(tmp_path: Path) -> None:
     run_cli("toy1d", "--optimizers", "adam", "--grid", "--epochs", "1", "--subset", "96", "--out", str(tmp_path))
     payload = read_json(tmp_path / "toy1d-compare.json")
@@ -184,6 +218,24 @@ def test_set_overrides_defaults_in_its_own_file_and_the_claims_count_it(tmp_path
     page = render_report(results, tmp_path)
     assert "  - `sven` over 1 seed(s)" in page and "  - `sven lr=0.05 rtol=0.01` over 1 seed(s)" in page
     assert (tmp_path / "figures" / "toy1d-compare-lr=0.05-rtol=0.01.png").is_file()
+
+
+def test_a_compare_run_hands_its_payload_so_far_to_the_checkpoint_after_each_optimizer(tmp_path: Path) -> None:
+    saved: list[dict[str, object]] = []
+    options = StudyOptions(optimizers=["sven", "adam", "sgd"], epochs=1, subset=64, progress=False,
+                           checkpoint=saved.append)
+    payload = run_study("compare", "toy1d", options)
+    assert [entry["pending"] for entry in saved] == [["adam", "sgd"], ["sgd"]]
+    assert [[run["optimizer"] for run in entry["runs"]] for entry in saved] == [["sven"], ["sven", "adam"]]
+    assert all(entry["study"] == "compare" and entry["task"] == "toy1d" for entry in saved)
+    assert "pending" not in payload and "checkpoint" not in payload["options"]
+    assert [run["optimizer"] for run in payload["runs"]] == ["sven", "adam", "sgd"]
+    results = tmp_path / "results"
+    results.mkdir()
+    stopped = {**saved[0], "name": "toy1d-compare", "command": "python -m sven.bench toy1d",
+               "environment": {"cpu": "test"}, "total_seconds": 1.0}
+    (results / "toy1d-compare.json").write_text(json.dumps(stopped))
+    assert "Incomplete: the run was stopped before adam, sgd ran." in render_report(results, tmp_path)
 
 
 def test_set_is_refused_with_grid_or_another_study(tmp_path: Path) -> None:

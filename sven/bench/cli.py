@@ -64,7 +64,8 @@ def study_parser() -> argparse.ArgumentParser:
                         help="compare: all optimizers (Figure 1); k, rtol: Sven sweeps on the training loss "
                              "(Figure 2); microbatch_size, param_fraction: Figure 3; spectrum: Figures 2 and 4; "
                              "lm: Sven variants against Levenberg–Marquardt, Adam and L-BFGS (grids.LM_STUDY); "
-                             "demo: the settings tried for the demo (grids.DEMO_STUDY)")
+                             "demo: the settings tried for the demo (grids.DEMO_STUDY); rmsprop_lr: the RMSProp-scaled "
+                             "Sven at each lr of the paper's cross-entropy grid (grids.RMSPROP_LR_STUDY)")
     parser.add_argument("--optimizers", type=_optimizer_list, default=list(DEFAULT_OPTIMIZERS),
                         help=f"comma-separated subset of {','.join(OPTIMIZER_NAMES)}, for --study compare only "
                              f"(default {','.join(DEFAULT_OPTIMIZERS)}; lm needs torch-levenberg-marquardt)")
@@ -103,26 +104,33 @@ def report_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, argv: list[str]) -> Path:
     """Run the study the arguments describe, print its table and write ``OUT/TASK-STUDY.{json,png}``
-    (with ``--append``: the earlier results there plus the entries they do not hold yet)."""
+    (with ``--append``: the earlier results there plus the entries they do not hold yet).
+
+    A compare run rewrites its JSON after each optimizer (with ``pending``), so stopping it keeps what finished."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
+    name = result_name(args.task, args.study, dict(args.overrides))
+    json_path = args.out / f"{name}.json"
+    started, load_at_start = time.perf_counter(), load_average()
+    earlier = read_json(json_path) if args.append else None
+
+    def save(payload: dict[str, Any]) -> dict[str, Any]:
+        payload.update(name=name, command=command_line(argv), environment=environment(args.device),
+                       total_seconds=time.perf_counter() - started,
+                       load_average={"start": load_at_start, "end": load_average()})
+        if earlier is not None:
+            payload = merged(earlier, payload)
+        write_json(json_path, payload)
+        return payload
+
     options = StudyOptions(optimizers=args.optimizers, epochs=args.epochs, seeds=args.seeds, grid=args.grid,
                            grid_epochs=args.grid_epochs, subset=args.subset, device=args.device,
-                           data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides))
-    name = result_name(args.task, args.study, options.overrides)
-    json_path = args.out / f"{name}.json"
-    earlier = read_json(json_path) if args.append else None
+                           data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides),
+                           checkpoint=save)
     if earlier is not None:
         options.skip_labels = labels_to_skip(earlier, args.study, args.task, options, environment(args.device))
-    started, load_at_start = time.perf_counter(), load_average()
-    payload = run_study(args.study, args.task, options)
-    payload.update(name=name, command=command_line(argv), environment=environment(args.device),
-                   total_seconds=time.perf_counter() - started,
-                   load_average={"start": load_at_start, "end": load_average()})
-    if earlier is not None:
-        payload = merged(earlier, payload)
-    write_json(json_path, payload)
+    payload = save(run_study(args.study, args.task, options))
     figure = plot_study(payload, args.out / f"{name}.png")
     if payload["runs"]:
         print(text_table(*summary_table(payload)))

@@ -7,13 +7,16 @@ apply to the cross-entropy tasks only. The Sven variants:
 - "sven-gn": kappa = 1, the Gauss–Newton residuals r = l^(1/2), no damping;
 - "sven-gn-fixed": kappa = 1 with a fixed Tikhonov damping λ, the Levenberg–Marquardt step in kernel form;
 - "sven-damped" (kappa = 2) and "sven-gn-damped" (kappa = 1): Levenberg–Marquardt control of λ
-  (``damping="adaptive"``).
+  (``damping="adaptive"``);
+- "sven-rmsprop": the paper's cross-entropy step, the exact step on RMSProp-scaled columns (``rmsprop="pre"``)
+  with a large lr; its default lr is the best of RMSPROP_LR_STUDY on mnist-ce (seed 0, 2 epochs).
 
 ``kappa`` is a setting of ``SvenWrapper``; the benchmark's Sven stepper routes it there.
 The regression defaults of "sven" and "sven-damped" are the demo's, chosen by the ``demo`` study (DEMO_STUDY):
 "sven" backtracks on lr (``line_search``: the exact direction scaled by 1, ½, ¼, … until the batch loss falls).
-The cross-entropy grid of "sven" is the paper's (RMSProp-scaled, large lr); without a grid
-search the default is the plain exact step with a small lr.
+The cross-entropy grid of "sven" and the grid of "sven-rmsprop" are the paper's (PAPER_CROSS_ENTROPY_GRID:
+RMSProp-scaled, large lr); without a grid search the cross-entropy default of "sven" is the plain exact step
+with a small lr.
 The strings "B", "B/2", "B/4" and "B*x" stand for the batch size of the task, its half, its quarter and x times it.
 """
 
@@ -23,8 +26,15 @@ import itertools
 from typing import Any
 
 FIXED_DAMPING = (0.1, 1.0, 10.0)
+RMSPROP_LR = 100.0
+"""The default lr of "sven-rmsprop": the best of RMSPROP_LR_STUDY on mnist-ce (docs/RESULTS.md, mnist-ce-rmsprop_lr)."""
 LM_START = "B*0.001"
 """B × the starting λ of torch-levenberg-marquardt (1e-3): Sven's λ is B × LM's, so both take the same first step."""
+
+PAPER_CROSS_ENTROPY_GRID: dict[str, tuple[Any, ...]] = {
+    "lr": (1.0, 10.0, 50.0, 100.0), "k": (1, 2, 4, 8, 16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2),
+    "rmsprop": ("pre",),
+}
 
 HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     "sven": {
@@ -33,8 +43,11 @@ HYPERPARAMETERS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "sven:cross_entropy": {
         "default": {"lr": 0.1, "k": "B", "rtol": 1e-3},
-        "grid": {"lr": (1.0, 10.0, 50.0, 100.0), "k": (1, 2, 4, 8, 16, 32, "B/2", "B"), "rtol": (1e-4, 1e-3, 1e-2),
-                 "rmsprop": ("pre",)},
+        "grid": PAPER_CROSS_ENTROPY_GRID,
+    },
+    "sven-rmsprop": {
+        "default": {"lr": RMSPROP_LR, "k": "B", "rtol": 1e-3, "rmsprop": "pre"},
+        "grid": PAPER_CROSS_ENTROPY_GRID,
     },
     "sven-gn": {
         "default": {"lr": 0.1, "k": "B", "rtol": 1e-3, "kappa": 1},
@@ -158,3 +171,9 @@ entry (optimizer, settings overriding its defaults). The first entry of each Sve
 ``sven`` entries run before the default turned ``line_search`` on say it is off (their labels do not name a switch
 that is off: ``studies.switched_on``)."""
 DEMO_REFERENCE = "adam"
+
+RMSPROP_LR_STUDY: tuple[tuple[str, dict[str, Any]], ...] = tuple(
+    ("sven-rmsprop", {"lr": lr}) for lr in PAPER_CROSS_ENTROPY_GRID["lr"]
+)
+"""The ``rmsprop_lr`` study: "sven-rmsprop" (k = B, rtol = 1e-3) at each lr of the paper's cross-entropy grid; the
+best sets RMSPROP_LR."""

@@ -94,7 +94,7 @@ TORCH_OPTIMIZERS: dict[str, TorchFactory] = {
 }
 PER_BATCH_STATE = ("lbfgs",)
 """Torch optimizers whose state is cleared before every batch (see ``ClosureStepper``)."""
-SVEN_VARIANTS = ("sven", "sven-gn", "sven-gn-fixed", "sven-damped", "sven-gn-damped")
+SVEN_VARIANTS = ("sven", "sven-gn", "sven-gn-fixed", "sven-damped", "sven-gn-damped", "sven-rmsprop")
 DEFAULT_OPTIMIZERS = (*SVEN_VARIANTS, *TORCH_OPTIMIZERS)
 OPTIMIZER_NAMES = (*DEFAULT_OPTIMIZERS, "lm")
 

@@ -107,7 +107,7 @@ def group_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def plot_study(payload: dict[str, Any], path: Path) -> Path | None:
-    """The study's figure: loss vs epoch and wall time (compare), the swept metric vs epoch, or the spectra.
+    """The study's figure: the spectra, a sweep's metric vs epoch, else loss vs epoch and wall time (compare, …).
 
     Returns None when the payload holds no run.
     """
@@ -118,6 +118,6 @@ def plot_study(payload: dict[str, Any], path: Path) -> Path | None:
     if payload["study"] == "spectrum":
         return plot_spectra({run["label"]: run for run in payload["runs"]}, path,
                             f"{payload['task']}: singular values kept by Sven, end of each epoch")
-    if payload["study"] in ("compare", "lm", "demo"):
-        return plot_curves(group_runs(payload["runs"]), path, title)
-    return plot_curves(group_runs(payload["runs"]), path, title, y=payload["metric"], xs=("epoch",))
+    if "metric" in payload:
+        return plot_curves(group_runs(payload["runs"]), path, title, y=payload["metric"], xs=("epoch",))
+    return plot_curves(group_runs(payload["runs"]), path, title)

@@ -135,6 +135,8 @@ def _study_section(payload: dict[str, Any], figures: Path, page: Path) -> list[s
     lines += appended_lines(payload)
     for optimizer, reason in (payload.get("skipped") or {}).items():
         lines += [f"Skipped {optimizer}: {reason}", ""]
+    if payload.get("pending"):
+        lines += [f"Incomplete: the run was stopped before {', '.join(payload['pending'])} ran.", ""]
     if not payload["runs"]:
         return lines + ["No run completed.", ""]
     lines += [markdown_table(*summary_table(payload)), ""]

@@ -4,7 +4,8 @@
 - ``k``, ``rtol``, ``microbatch_size``, ``param_fraction``: Sven with one setting swept (Figures 2 and 3);
 - ``spectrum``: Sven's kept singular values across epochs, regression vs cross-entropy (Figures 2 and 4);
 - ``lm``: the Sven variants against Levenberg–Marquardt, Adam and L-BFGS (``grids.LM_STUDY``);
-- ``demo``: the settings tried for the demo's Sven variants against Adam (``grids.DEMO_STUDY``).
+- ``demo``: the settings tried for the demo's Sven variants against Adam (``grids.DEMO_STUDY``);
+- ``rmsprop_lr``: the RMSProp-scaled Sven at each lr of the paper's cross-entropy grid (``grids.RMSPROP_LR_STUDY``).
 
 Every run of a seed starts from the same data, initial weights and batch order, whatever the optimizer
 (``train.train`` seeds the initialisation and a separate shuffling generator from the seed).
@@ -13,7 +14,7 @@ Every run of a seed starts from the same data, initial weights and batch order, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from sven.bench.grids import (
     DEMO_STUDY,
     LM_REFERENCE,
     LM_STUDY,
+    RMSPROP_LR_STUDY,
     TIME_REFERENCE,
     default_settings,
     entry_settings,
@@ -34,6 +36,7 @@ from sven.bench.results import final
 from sven.bench.tasks import REGRESSION, Task, build_task
 from sven.bench.train import train
 
+Checkpoint = Callable[[dict[str, Any]], None]
 SWEEP_METRICS = {"k": "train_loss", "rtol": "train_loss", "microbatch_size": "val_loss", "param_fraction": "val_loss"}
 LOSS_SIBLINGS = {"mnist-regression": "mnist-ce", "mnist-ce": "mnist-regression",
                  "digits-regression": "digits-ce", "digits-ce": "digits-regression"}
@@ -43,8 +46,11 @@ LOSS_SIBLINGS = {"mnist-regression": "mnist-ce", "mnist-ce": "mnist-regression",
 class StudyOptions:
     """What the command line chose: optimizers, epochs (None: the task's), seeds, grid search and its epochs,
     a train/validation subset size (None: all), the device, the MNIST folder, whether to show progress bars,
-    settings that override the defaults of every optimizer of a compare run, and the labels of a listed study's
-    entries not to run (they are in the earlier results that this run adds to: ``sven.bench.append``)."""
+    settings that override the defaults of every optimizer of a compare run, the labels of a listed study's
+    entries not to run (they are in the earlier results that this run adds to: ``sven.bench.append``), and
+    ``checkpoint``: called by a compare run with its payload so far after each optimizer but the last
+    (``pending``: the optimizers still to run), so a run stopped early leaves its finished optimizers behind.
+    ``checkpoint`` is not recorded."""
 
     optimizers: list[str] = field(default_factory=lambda: ["sven", "adam"])
     epochs: int | None = None
@@ -57,6 +63,11 @@ class StudyOptions:
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
     skip_labels: tuple[str, ...] = ()
+    checkpoint: Checkpoint | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The options as the payload records them (JSON-ready, without ``checkpoint``)."""
+        return {key: value for key, value in asdict(self).items() if key != "checkpoint"}
 
     def epochs_for(self, task: Task) -> int:
         return self.epochs if self.epochs is not None else task.epochs
@@ -95,7 +106,8 @@ def seeded_runs(task: Task, optimizer: str, settings: dict[str, Any], label: str
 def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
     """Every optimizer of ``options`` on ``task`` over the seeds; grid-searched settings with ``options.grid``."""
     runs, searches, skipped = [], {}, {}
-    for optimizer in options.optimizers:
+    for index, optimizer in enumerate(options.optimizers):
+        pending = options.optimizers[index + 1:]
         try:
             if options.grid:
                 settings, searches[optimizer] = grid_search(task, optimizer, options)
@@ -106,6 +118,9 @@ def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
         except OptimizerUnavailable as reason:
             skipped[optimizer] = str(reason)
             print(f"skipping {optimizer}: {reason}")
+        if options.checkpoint and pending:
+            options.checkpoint({"runs": list(runs), "grid_search": dict(searches), "skipped": dict(skipped),
+                                "pending": pending})
     return {"runs": runs, "grid_search": searches, "skipped": skipped}
 
 
@@ -184,6 +199,7 @@ def spectrum(task: Task, options: StudyOptions) -> dict[str, Any]:
 LISTED_STUDIES: dict[str, tuple[Entries, dict[str, str]]] = {
     "lm": (LM_STUDY, {"lm_reference": LM_REFERENCE, "time_reference": TIME_REFERENCE}),
     "demo": (DEMO_STUDY, {"reference": DEMO_REFERENCE}),
+    "rmsprop_lr": (RMSPROP_LR_STUDY, {}),
 }
 """The studies that run a list of entries: study → (entries, references written into the payload)."""
 
@@ -199,7 +215,9 @@ STUDIES: dict[str, Callable[[Task, StudyOptions], dict[str, Any]]] = {
 
 
 def run_study(study: str, task_name: str, options: StudyOptions) -> dict[str, Any]:
-    """Run ``study`` on ``task_name``; the payload has the study, task, options and the study's own fields."""
+    """Run ``study`` on ``task_name``; the payload has the study, task, options and the study's own fields.
+
+    ``options.checkpoint`` receives whole payloads (study, task and options included)."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
     task = load_task(task_name, options)
@@ -208,9 +226,10 @@ def run_study(study: str, task_name: str, options: StudyOptions) -> dict[str, An
                          f"{' with --grid' if options.grid else ''}")
     if options.skip_labels and study not in LISTED_STUDIES:
         raise ValueError(f"only a listed study ({', '.join(LISTED_STUDIES)}) skips entries; got study {study!r}")
-    payload = {"study": study, "task": task_name, "options": asdict(options)}
-    payload.update(STUDIES[study](task, options))
-    return payload
+    header = {"study": study, "task": task_name, "options": options.record()}
+    report = options.checkpoint
+    staged = replace(options, checkpoint=(lambda fields: report({**header, **fields})) if report else None)
+    return {**header, **STUDIES[study](task, staged)}
 
 
 def override_words(overrides: dict[str, Any]) -> list[str]:
