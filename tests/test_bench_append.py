@@ -89,8 +89,28 @@ def test_append_refuses_results_it_cannot_extend(change: Any, message: str) -> N
 
 def test_append_is_refused_for_a_study_that_is_not_a_list(tmp_path: Path) -> None:
     write_json(tmp_path / "toy1d-k.json", synthetic_payload())
-    with pytest.raises(SystemExit, match="only a listed study \\(lm, demo\\) can be added to; got study 'k'"):
+    with pytest.raises(SystemExit, match=r"only a listed study \(lm, demo, rmsprop_lr\) or a compare run can be "
+                                         r"added to; got study 'k'"):
         main(["toy1d", "--study", "k", "--out", str(tmp_path), "--append", "--no-progress"])
+
+
+def test_a_compare_run_stopped_early_is_completed_by_append_as_a_full_run_would_be(tmp_path: Path) -> None:
+    """The pending optimizers of a checkpointed compare run are run and added; the finished ones are kept."""
+    args = ["toy1d", "--optimizers", "sgd,adam,polyak", "--epochs", "1", "--subset", "64", "--seeds", "2",
+            "--no-progress", "--out", str(tmp_path)]
+    main(args)
+    path = tmp_path / "toy1d-compare.json"
+    full = read_json(path)
+    stopped = {**full, "runs": [run for run in full["runs"] if run["label"] == "sgd"], "pending": ["adam", "polyak"]}
+    write_json(path, stopped)
+    main([*args, "--append"])
+    after = read_json(path)
+    assert "pending" not in after and after["appended"][0]["labels"] == ["adam", "polyak"]
+    assert [run["label"] for run in after["runs"]] == [run["label"] for run in full["runs"]]
+    for run, expected in zip(after["runs"], full["runs"]):
+        assert run["history"]["val_loss"] == expected["history"]["val_loss"], run["label"]
+    with pytest.raises(SystemExit, match="cannot add to grid-searched results"):
+        main([*args, "--append", "--grid"])
 
 
 def test_an_entry_that_turns_a_switch_off_matches_the_runs_that_did_not_name_it(

@@ -1,4 +1,5 @@
-"""Adding the new entries of a listed study (``lm``, ``demo``) to its earlier results without rerunning the others.
+"""Adding the new entries of a listed study (``lm``, ``demo``, …) or the missing optimizers of a compare run (one
+stopped early, or one given more optimizers) to its earlier results without rerunning the others.
 
 ``labels_to_skip`` checks that the earlier results are this study's, under the same protocol and environment,
 with every entry run as the study would run it now, and returns the labels of the entries they already hold;
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sven.bench.grids import entry_settings
-from sven.bench.studies import LISTED_STUDIES, StudyOptions, entry_label, switched_on
+from sven.bench.studies import LISTED_STUDIES, Entries, StudyOptions, entry_label, switched_on
 
 PROTOCOL = ("epochs", "seeds", "subset", "device", "grid")
 """The options the earlier results and the added runs must share."""
@@ -19,6 +20,17 @@ PROTOCOL = ("epochs", "seeds", "subset", "device", "grid")
 def _mismatch(what: str, earlier: Any, now: Any) -> ValueError:
     return ValueError(f"cannot add to the earlier results: their {what} is {earlier!r}, this run's is {now!r}; "
                       "rerun the whole study instead")
+
+
+def study_entries(study: str, optimizers: list[str], overrides: dict[str, Any]) -> Entries:
+    """The (optimizer, overrides) entries a study runs: a listed study's list, or a compare run's optimizers
+    with its overrides (a ValueError for any other study)."""
+    if study in LISTED_STUDIES:
+        return LISTED_STUDIES[study][0]
+    if study == "compare":
+        return tuple((optimizer, overrides) for optimizer in optimizers)
+    raise ValueError(f"only a listed study ({', '.join(LISTED_STUDIES)}) or a compare run can be added to; "
+                     f"got study {study!r}")
 
 
 def labels_to_skip(earlier: dict[str, Any], study: str, task_name: str, options: StudyOptions,
@@ -30,8 +42,10 @@ def labels_to_skip(earlier: dict[str, Any], study: str, task_name: str, options:
     the study no longer lists or whose settings differ from those the entry resolves to now (a switch that is off
     and one that is not named are the same setting: ``switched_on``).
     """
-    if study not in LISTED_STUDIES:
-        raise ValueError(f"only a listed study ({', '.join(LISTED_STUDIES)}) can be added to; got study {study!r}")
+    listed_entries = study_entries(study, options.optimizers, options.overrides)
+    if options.grid:
+        raise ValueError("cannot add to grid-searched results (each optimizer's search would be rerun); "
+                         "rerun the whole study instead")
     for what, stored, now in (("study", earlier["study"], study), ("task", earlier["task"], task_name),
                               *((f"option {key}", earlier["options"].get(key), getattr(options, key))
                                 for key in PROTOCOL),
@@ -39,14 +53,13 @@ def labels_to_skip(earlier: dict[str, Any], study: str, task_name: str, options:
                                 for key, value in environment.items())):
         if stored != now:
             raise _mismatch(what, stored, now)
-    entries = {entry_label(optimizer, overrides): (optimizer, overrides)
-               for optimizer, overrides in LISTED_STUDIES[study][0]}
+    entries = {entry_label(optimizer, overrides): (optimizer, overrides) for optimizer, overrides in listed_entries}
     seeds = list(range(options.seeds))
     held: dict[str, list[int]] = {}
     for run in earlier["runs"]:
         if run["label"] not in entries:
             raise ValueError(f"cannot add to the earlier results: they hold {run['label']!r}, which the {study} "
-                             f"study no longer lists; rerun the whole study instead")
+                             f"study no longer lists (or this run does not); rerun the whole study instead")
         optimizer, overrides = entries[run["label"]]
         expected = entry_settings(optimizer, overrides, run["loss_kind"], run["batch_size"])
         if switched_on(run["settings"]) != switched_on(expected):
@@ -59,18 +72,24 @@ def labels_to_skip(earlier: dict[str, Any], study: str, task_name: str, options:
 
 
 def merged(earlier: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
-    """``earlier`` with the runs of ``added`` (a payload of the same study) in the study's order of entries.
+    """``earlier`` with the runs of ``added`` (a payload of the same study) in the study's order of entries (a compare
+    run's: its optimizers, then those only ``added`` ran); ``pending`` is what ``added`` left pending, if anything.
 
     The command, options, environment and load average stay the earlier run's (the command reruns every entry);
     ``appended`` lists each added run's command, labels, seconds and load average, and ``total_seconds`` counts both.
     """
-    order = [entry_label(optimizer, overrides) for optimizer, overrides in LISTED_STUDIES[earlier["study"]][0]]
+    order = list(dict.fromkeys(
+        entry_label(optimizer, overrides) for payload in (earlier, added)
+        for optimizer, overrides in study_entries(earlier["study"], payload.get("options", {}).get("optimizers", []),
+                                                  payload.get("options", {}).get("overrides", {}))))
     runs = sorted([*earlier["runs"], *added["runs"]], key=lambda run: order.index(run["label"]))
     record = {"command": added["command"], "labels": list(dict.fromkeys(run["label"] for run in added["runs"])),
               "total_seconds": added["total_seconds"], "load_average": added["load_average"]}
-    return {**earlier, "runs": runs, "skipped": added["skipped"],
-            "total_seconds": earlier["total_seconds"] + added["total_seconds"],
-            "appended": [*earlier.get("appended", []), record]}
+    combined = {**earlier, "runs": runs, "skipped": added["skipped"],
+                "total_seconds": earlier["total_seconds"] + added["total_seconds"],
+                "appended": [*earlier.get("appended", []), record]}
+    combined.pop("pending", None)
+    return {**combined, **({"pending": added["pending"]} if added.get("pending") else {})}
 
 
 def appended_lines(payload: dict[str, Any]) -> list[str]:

@@ -78,8 +78,9 @@ def study_parser() -> argparse.ArgumentParser:
                         help="override a default setting of every optimizer of a compare run (repeatable); the "
                              "results go to TASK-compare-KEY=VALUE.json")
     parser.add_argument("--append", action="store_true",
-                        help=f"for a listed study ({', '.join(LISTED_STUDIES)}): run only the entries that "
-                             "OUT/TASK-STUDY.json does not hold yet and add their runs to it (same protocol, "
+                        help=f"for a listed study ({', '.join(LISTED_STUDIES)}) or a compare run without --grid: "
+                             "run only the entries (optimizers) that OUT/TASK-STUDY.json does not hold yet, e.g. "
+                             "those a stopped compare run left pending, and add their runs to it (same protocol, "
                              "environment and settings, else an error)")
     parser.add_argument("--subset", type=_positive, default=None,
                         help="keep only the first N train and N validation samples")

@@ -104,17 +104,19 @@ def seeded_runs(task: Task, optimizer: str, settings: dict[str, Any], label: str
 
 
 def compare(task: Task, options: StudyOptions) -> dict[str, Any]:
-    """Every optimizer of ``options`` on ``task`` over the seeds; grid-searched settings with ``options.grid``."""
+    """Every optimizer of ``options`` on ``task`` over the seeds (but those labelled in ``options.skip_labels``);
+    grid-searched settings with ``options.grid``."""
     runs, searches, skipped = [], {}, {}
-    for index, optimizer in enumerate(options.optimizers):
-        pending = options.optimizers[index + 1:]
+    to_run = [optimizer for optimizer in options.optimizers
+              if entry_label(optimizer, options.overrides) not in options.skip_labels]
+    for index, optimizer in enumerate(to_run):
+        pending = to_run[index + 1:]
         try:
             if options.grid:
                 settings, searches[optimizer] = grid_search(task, optimizer, options)
             else:
                 settings = {**default_settings(optimizer, task.loss_kind, task.batch_size), **options.overrides}
-            runs += seeded_runs(task, optimizer, settings, " ".join([optimizer, *override_words(options.overrides)]),
-                                options)
+            runs += seeded_runs(task, optimizer, settings, entry_label(optimizer, options.overrides), options)
         except OptimizerUnavailable as reason:
             skipped[optimizer] = str(reason)
             print(f"skipping {optimizer}: {reason}")
@@ -224,8 +226,9 @@ def run_study(study: str, task_name: str, options: StudyOptions) -> dict[str, An
     if options.overrides and (study != "compare" or options.grid):
         raise ValueError(f"setting overrides apply to a compare run without --grid; got study {study!r}"
                          f"{' with --grid' if options.grid else ''}")
-    if options.skip_labels and study not in LISTED_STUDIES:
-        raise ValueError(f"only a listed study ({', '.join(LISTED_STUDIES)}) skips entries; got study {study!r}")
+    if options.skip_labels and study not in (*LISTED_STUDIES, "compare"):
+        raise ValueError(f"only a listed study ({', '.join(LISTED_STUDIES)}) or a compare run skips entries; "
+                         f"got study {study!r}")
     header = {"study": study, "task": task_name, "options": options.record()}
     report = options.checkpoint
     staged = replace(options, checkpoint=(lambda fields: report({**header, **fields})) if report else None)
