@@ -17,6 +17,9 @@ $PY -m sven.bench poly --optimizers sven,sven-damped,sven-gn-damped,${ALL#sven,s
 # rerunning its command with --append runs only the optimizers a stopped run left pending.
 $PY -m sven.bench mnist-regression --optimizers sven,sven-damped,adam,sgd,rmsprop,polyak,lbfgs --epochs 20 --seeds 3 \
   --threads 1 --out $OUT --no-progress
+# the exact step at the demo's default (lr 0.5 with line_search; --set names the file)
+$PY -m sven.bench mnist-regression --optimizers sven --set lr=0.5 --epochs 20 --seeds 3 --threads 1 --out $OUT \
+  --no-progress
 for study in k rtol; do
   $PY -m sven.bench mnist-regression --study $study --epochs 3 --out $OUT --no-progress
 done
