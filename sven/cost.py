@@ -29,6 +29,12 @@ def warn_cost(message: str) -> None:
     warnings.warn(f"Sven: {message}", SvenCostWarning, stacklevel=3)
 
 
+def gram_fits(rows: int, gram_memory: int) -> bool:
+    """Whether three float64 (rows, rows) matrices fit in ``gram_memory`` bytes: G, G + λI (or the certificate's
+    G − τI) and its Cholesky factor."""
+    return 3 * rows * rows * 8 <= gram_memory
+
+
 def _gib(elements: float) -> str:
     return f"{elements * 8 / 2**30:.1f} GiB"
 
@@ -42,7 +48,7 @@ def route_cost(mode: str, shape: tuple[int, int], k: int, damping: float, gram_m
     """
     rows, cols = shape
     side = min(rows, cols)
-    if mode in SIDE_MODES and 3 * side * side * 8 > gram_memory:
+    if mode in SIDE_MODES and not gram_fits(side, gram_memory):
         cost = (f"svd_mode {mode!r} forms the {side} × {side} float64 side of M ({_gib(side * side)}, above "
                 f"gram_memory = {gram_memory / 2**20:.0f} MiB for it, its copy and its factor) and spends "
                 f"~{side}³ = {float(side) ** 3:.1e} flops on it (minutes on a CPU)")
@@ -66,7 +72,7 @@ def route_cost(mode: str, shape: tuple[int, int], k: int, damping: float, gram_m
 def regularized_cost(rows: int, gram_memory: int) -> str | None:
     """Why the weight-decay solve of ``rows`` rows is far off the fast path (its rows × rows float64 matrices
     exceed ``gram_memory``), or None."""
-    if 3 * rows * rows * 8 <= gram_memory:
+    if gram_fits(rows, gram_memory):
         return None
     return (f"weight_decay / fisher_decay solve in rows × rows form: the {rows} × {rows} float64 Gram matrix "
             f"({_gib(rows * rows)}), one more per decay class, above gram_memory = {gram_memory / 2**20:.0f} MiB, "

@@ -14,10 +14,11 @@ import torch
 from conftest import LR, STEP_TOLERANCE, Case, flat_parameters, make_batch, make_mlp, per_sample_mse
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 
+from sven.cost import gram_fits
 from sven.jacobian.blocks import OuterProductBlock
 from sven.nn import SvenWrapper
 from sven.opt import Sven, matrix_free
-from sven.opt.matrix_free import RESIDUAL_TOLERANCE, gram_fits
+from sven.opt.matrix_free import RESIDUAL_TOLERANCE
 from sven.opt.pinv import resolve_mode
 
 DAMPING = 1e-3

@@ -25,6 +25,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from sven.cost import gram_fits
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.eigen import START_SEED, SolverOptions, nystrom_from_sketch
 from sven.opt.spectrum import FLOAT64_EPS, Spectrum
@@ -37,12 +38,6 @@ RESIDUAL_TOLERANCE = 1e-8
 MAX_CG_ITERATIONS = 1000
 PRECONDITIONER_RANK = 128
 """Columns l of the Nyström sketch (at most rows): l Gram-vector products, rows·l float64 memory."""
-
-
-def gram_fits(rows: int, gram_memory: int) -> bool:
-    """Whether three float64 (rows, rows) matrices fit in ``gram_memory`` bytes: G, G + λI (or the certificate's
-    G − τI) and its Cholesky factor."""
-    return 3 * rows * rows * 8 <= gram_memory
 
 
 def conjugate_gradients(apply: Callable[[Tensor], Tensor], rhs: Tensor, precondition: Callable[[Tensor], Tensor],

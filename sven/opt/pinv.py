@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sven.cost import gram_fits
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.eigen import (
     EigenRoutine,
@@ -39,7 +40,7 @@ from sven.opt.eigen import (
     nystrom_eigh,
     randomized_eigh,
 )
-from sven.opt.matrix_free import gram_fits, normal_equation_solver
+from sven.opt.matrix_free import normal_equation_solver
 from sven.opt.sides import smaller_side
 from sven.opt.spectrum import (
     Spectrum,

@@ -11,7 +11,7 @@ from sven.cost import route_cost, warn_cost
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.options import StepSettings
 from sven.opt.pinv import resolve_mode, truncated_spectrum
-from sven.opt.spectrum import RESOLVED_MARGIN, Spectrum, eig_floor
+from sven.opt.spectrum import Spectrum, resolved_floor
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def lq_cost(shape: tuple[int, int], rtol: float) -> str:
     """Why "auto" left the Gram route for "lq" on an M of ``shape`` (rows, cols), what it costs and what to use."""
     rows, cols = shape
     size = min(shape)
-    floor = RESOLVED_MARGIN * eig_floor(size)
+    floor = resolved_floor(size)
     return (f"undamped rtol={rtol:g} is below what the {size} × {size} Gram matrix resolves (rtol ≥ {floor:.1e}), "
             f"so svd_mode 'auto' takes 'lq': the {rows} × {cols} Jacobian is materialised in float64 "
             f"({rows * cols * 8 / 1e6:.1f} MB) and factorised (2·{size}²·{max(shape)} flops), typically 50–200× "

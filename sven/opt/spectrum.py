@@ -34,9 +34,15 @@ RESOLVED_MARGIN = 10.0
 """A squared-spectrum route resolves a relative level ρ of σ/σ_max when ρ ≥ this × its floor √(n·ε) (λ to ~1 %)."""
 
 
+def resolved_floor(size: int) -> float:
+    """The smallest relative level of σ/σ_max that eigenpairs of a (size, size) Gram matrix resolve:
+    ``RESOLVED_MARGIN``·√(size·ε)."""
+    return RESOLVED_MARGIN * eig_floor(size)
+
+
 def resolves(level: float, size: int) -> bool:
     """Whether eigenpairs of a (size, size) Gram matrix resolve the relative level ``level`` of σ/σ_max."""
-    return level >= RESOLVED_MARGIN * eig_floor(size)
+    return level >= resolved_floor(size)
 
 
 def squared_floor(size: int, damping: float, largest: float) -> float:
