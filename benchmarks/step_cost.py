@@ -314,21 +314,30 @@ def peak_memory_mb(method: str, config: Config, device: torch.device) -> float:
     return step_peak_memory_mb(make_stepper(method, config, device), device)
 
 
-def step_peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
-    """Peak memory (MB) that ``MEMORY_STEPS`` calls of ``step`` add to what existed after a first call."""
-    step()
+def peak_memory_of(run: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """What ``run()`` returns and the peak memory (MB) it adds to what existed before it (the CUDA allocator's
+    peak on a GPU, ``HeapPeak`` on the CPU)."""
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        for _ in range(MEMORY_STEPS):
-            step()
+        result = run()
         synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return result, (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with HeapPeak() as heap:
+        result = run()
+    return result, (heap.peak - heap.baseline) / 2**20
+
+
+def step_peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
+    """Peak memory (MB) that ``MEMORY_STEPS`` calls of ``step`` add to what existed after a first call."""
+    step()
+
+    def steps() -> None:
         for _ in range(MEMORY_STEPS):
             step()
-    return (heap.peak - heap.baseline) / 2**20
+
+    return peak_memory_of(steps, device)[1]
 
 
 def ratios(timings: dict[str, dict[str, Any]], statistic: str = "median_ms") -> dict[str, float | None]:
@@ -528,16 +537,8 @@ def recording(step: Callable[[], None], log: list[str]) -> Callable[[], None]:
 
 
 def timed_with_peak(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """Seconds of one call of ``step`` and the peak memory (MB) it added (CUDA allocator, or ``HeapPeak``)."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        seconds = timed(step, device)
-        return seconds, (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with HeapPeak() as heap:
-        seconds = timed(step, device)
-    return seconds, (heap.peak - heap.baseline) / 2**20
+    """Seconds of one call of ``step`` and the peak memory (MB) it added (``peak_memory_of``)."""
+    return peak_memory_of(lambda: timed(step, device), device)
 
 
 def table_rows(batch_size: int, device: torch.device, warmup: int) -> list[dict[str, Any]]:
