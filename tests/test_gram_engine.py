@@ -21,7 +21,7 @@ from sven.jacobian.layers.embedding import EmbeddingBlock
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 from sven.opt.pinv import truncated_spectrum
-from sven.opt.spectrum import CertifiedGramSpectrum, certify_nothing_cut
+from sven.opt.spectrum import REFINEMENT_REACH, CertifiedGramSpectrum, certify_nothing_cut
 
 GRAM_TOLERANCE = 1e-10
 LR = 0.5
@@ -535,6 +535,26 @@ def test_certified_route_solves_the_damped_system_exactly(
     monkeypatch.setattr(torch.linalg, "cholesky", lambda matrix: calls.append(1) or cholesky(matrix))
     assert relative_error(spectrum.direction(operator, residuals, damping), expected) <= 1e-10
     assert len(calls) == factorisations
+
+
+def test_certified_route_factorises_at_once_when_refinement_cannot_reach_the_tolerance(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """λ ≥ REFINEMENT_REACH·min_i G_ii bounds the contraction λ/λ_min(G) from below by REFINEMENT_REACH: the
+    solve factorises G + λI and solves once, with no refinement (which would run MAX_REFINEMENTS corrections
+    in vain), and still gives the damped step of the dense SVD."""
+    operator, residuals, jacobian = mlp_operator(12)
+    spectrum = truncated_spectrum(operator, "gram", 64, 1e-3)
+    assert isinstance(spectrum, CertifiedGramSpectrum)
+    damping = 2 * REFINEMENT_REACH * float(operator.gram().diagonal().min())
+    u, sigma, vh = torch.linalg.svd(jacobian, full_matrices=False)
+    expected = vh.T @ (sigma / (sigma**2 + damping) * (u.T @ residuals))
+    solves = []
+    cholesky_solve = torch.cholesky_solve
+    monkeypatch.setattr(torch, "cholesky_solve", lambda *args: solves.append(1) or cholesky_solve(*args))
+    assert not spectrum.refinement_reaches(damping)
+    assert relative_error(spectrum.direction(operator, residuals, damping), expected) <= 1e-10
+    assert len(solves) == 1
 
 
 @pytest.mark.parametrize("ratio", [0.999, 0.9, 0.5, 1e-3])

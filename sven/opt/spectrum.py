@@ -181,6 +181,8 @@ REFINEMENT_TOLERANCE = 1e-12
 MAX_REFINEMENTS = 6
 SLOW_CONTRACTION = 0.1
 """Refinement gives up (and factorises) when a correction is not below this fraction of the previous one."""
+REFINEMENT_REACH = REFINEMENT_TOLERANCE ** (1 / MAX_REFINEMENTS)
+"""The largest contraction per correction with which ``MAX_REFINEMENTS`` corrections reach ``REFINEMENT_TOLERANCE``."""
 
 
 def _identity_like(square: Tensor) -> Tensor:
@@ -248,6 +250,15 @@ class CertifiedGramSpectrum(Spectrum):
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
         return op.rmatmul(self.solve(residuals.to(torch.float64), damping))
 
+    @cached_property
+    def smallest_shifted_diagonal(self) -> float:
+        """min_i (G_ii − τ): an upper bound on λ_min(G − τI), the certificate's factored matrix."""
+        return float(self.gram.diagonal().min()) - self.certificate.shift
+
+    def refinement_reaches(self, damping: float) -> bool:
+        """Whether refinement on the certificate's factor may converge for G + damping·I (see ``solve``)."""
+        return damping == 0 or (self.certificate.shift + damping) < REFINEMENT_REACH * self.smallest_shifted_diagonal
+
     def solve(self, residuals: Tensor, damping: float = 0.0) -> Tensor:
         """c = (G + damping·I)⁻¹ r for r (n,) float64, G the Gram matrix; returns (n,) float64.
 
@@ -255,10 +266,12 @@ class CertifiedGramSpectrum(Spectrum):
         S⁻¹(r − (G + damping·I) c) shrinks the error by (τ + damping)/λ_min(S), tiny when
         the spectrum sits well above the cut. When the corrections do not fall below
         ``REFINEMENT_TOLERANCE`` of c within ``MAX_REFINEMENTS``, or shrink by less than
-        ``SLOW_CONTRACTION`` per step, G + damping·I is factorised instead.
+        ``SLOW_CONTRACTION`` per step, G + damping·I is factorised instead — at once when the contraction
+        (τ + damping)/λ_min(S) is at least (τ + damping)/min_i S_ii ≥ ``REFINEMENT_REACH``, which no
+        refinement within ``MAX_REFINEMENTS`` survives (a large adaptive λ).
         """
         system = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
-        if self.certificate.factor is None:
+        if self.certificate.factor is None or not self.refinement_reaches(damping):
             return torch.cholesky_solve(residuals.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
         solve_shifted = lambda v: torch.cholesky_solve(v.unsqueeze(1), self.certificate.factor).squeeze(1)  # noqa: E731
         solution = solve_shifted(residuals)
