@@ -16,6 +16,7 @@ from conftest import STEP_TOLERANCE, Scaled, flat_parameters, per_sample_squared
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 from torch import Tensor, nn
 
+import sven.opt.spectrum as spectrum_module
 from sven.jacobian import GradientBlock, GramEngine, GramJacobian, OuterProductBlock, ParamSpace, register_gram_rule
 from sven.jacobian.layers.embedding import EmbeddingBlock
 from sven.nn import SvenWrapper
@@ -517,13 +518,17 @@ def test_gram_route_certifies_only_when_nothing_is_cut(
     assert relative_error(spectrum.sigma, sigma[: spectrum.rank_kept]) <= 1e-10
 
 
-@pytest.mark.parametrize("damping_over_smallest_eigenvalue, factorisations", [(0.0, 0), (1e-3, 0), (1e3, 1)],
-                         ids=["refined", "small_damping_refined", "large_damping_factorised"])
+@pytest.mark.parametrize("damping_over_smallest_eigenvalue, direct_size, factorisations",
+                         [(0.0, 0, 0), (1e-3, 0, 0), (1e3, 0, 1), (0.0, 128, 0), (1e-3, 128, 1)],
+                         ids=["refined", "small_damping_refined", "large_damping_factorised", "small_undamped_refined",
+                              "small_damped_factorised"])
 def test_certified_route_solves_the_damped_system_exactly(
-    damping_over_smallest_eigenvalue: float, factorisations: int, monkeypatch: pytest.MonkeyPatch
+    damping_over_smallest_eigenvalue: float, direct_size: int, factorisations: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Cholesky route gives V diag(σ/(σ² + λ)) Uᵀ r: by refinement on the certificate's factor while
-    that contracts, else (λ far above the smallest eigenvalue) by factorising M Mᵀ + λI."""
+    that contracts, else (λ far above the smallest eigenvalue, or a damped side of at most DIRECT_SOLVE_SIZE)
+    by factorising M Mᵀ + λI."""
+    monkeypatch.setattr(spectrum_module, "DIRECT_SOLVE_SIZE", direct_size)
     operator, residuals, jacobian = mlp_operator(12)
     spectrum = truncated_spectrum(operator, "gram", 64, 1e-3)
     assert isinstance(spectrum, CertifiedGramSpectrum)
@@ -540,19 +545,20 @@ def test_certified_route_solves_the_damped_system_exactly(
 def test_certified_route_factorises_at_once_when_refinement_cannot_reach_the_tolerance(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """λ ≥ REFINEMENT_REACH·min_i G_ii bounds the contraction λ/λ_min(G) from below by REFINEMENT_REACH: the
+    """λ ≥ REFINEMENT_REACH·min_i L_ii² bounds the contraction λ/λ_min(G) from below by REFINEMENT_REACH: the
     solve factorises G + λI and solves once, with no refinement (which would run MAX_REFINEMENTS corrections
     in vain), and still gives the damped step of the dense SVD."""
+    monkeypatch.setattr(spectrum_module, "DIRECT_SOLVE_SIZE", 0)
     operator, residuals, jacobian = mlp_operator(12)
     spectrum = truncated_spectrum(operator, "gram", 64, 1e-3)
     assert isinstance(spectrum, CertifiedGramSpectrum)
-    damping = 2 * REFINEMENT_REACH * float(operator.gram().diagonal().min())
+    damping = 2 * REFINEMENT_REACH * spectrum.smallest_pivot
     u, sigma, vh = torch.linalg.svd(jacobian, full_matrices=False)
     expected = vh.T @ (sigma / (sigma**2 + damping) * (u.T @ residuals))
     solves = []
     cholesky_solve = torch.cholesky_solve
     monkeypatch.setattr(torch, "cholesky_solve", lambda *args: solves.append(1) or cholesky_solve(*args))
-    assert not spectrum.refinement_reaches(damping)
+    assert not spectrum.refinement_pays(damping)
     assert relative_error(spectrum.direction(operator, residuals, damping), expected) <= 1e-10
     assert len(solves) == 1
 

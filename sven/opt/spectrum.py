@@ -183,6 +183,9 @@ SLOW_CONTRACTION = 0.1
 """Refinement gives up (and factorises) when a correction is not below this fraction of the previous one."""
 REFINEMENT_REACH = REFINEMENT_TOLERANCE ** (1 / MAX_REFINEMENTS)
 """The largest contraction per correction with which ``MAX_REFINEMENTS`` corrections reach ``REFINEMENT_TOLERANCE``."""
+DIRECT_SOLVE_SIZE = 128
+"""Up to this size a damped solve factorises G + λI at once: there one Cholesky costs no more than about three
+refinement steps (docs/GRAM_ENGINE.md, "Small models"), and the adaptive λ often stalls refinement."""
 
 
 def _identity_like(square: Tensor) -> Tensor:
@@ -251,13 +254,19 @@ class CertifiedGramSpectrum(Spectrum):
         return op.rmatmul(self.solve(residuals.to(torch.float64), damping))
 
     @cached_property
-    def smallest_shifted_diagonal(self) -> float:
-        """min_i (G_ii − τ): an upper bound on λ_min(G − τI), the certificate's factored matrix."""
-        return float(self.gram.diagonal().min()) - self.certificate.shift
+    def smallest_pivot(self) -> float:
+        """min_i L_ii² of the certificate's factor L of S = G − τI: an upper bound on λ_min(S).
 
-    def refinement_reaches(self, damping: float) -> bool:
-        """Whether refinement on the certificate's factor may converge for G + damping·I (see ``solve``)."""
-        return damping == 0 or (self.certificate.shift + damping) < REFINEMENT_REACH * self.smallest_shifted_diagonal
+        L_ii² is the last pivot of S's leading i × i block, 1/((S_1:i,1:i)⁻¹)_ii ≥ λ_min(S_1:i,1:i) ≥ λ_min(S).
+        """
+        return float(self.certificate.factor.diagonal().min()) ** 2
+
+    def refinement_pays(self, damping: float) -> bool:
+        """Whether to solve G + damping·I by refinement on the certificate's factor (see ``solve``)."""
+        if damping == 0:
+            return True
+        return (self.gram.shape[0] > DIRECT_SOLVE_SIZE
+                and self.certificate.shift + damping < REFINEMENT_REACH * self.smallest_pivot)
 
     def solve(self, residuals: Tensor, damping: float = 0.0) -> Tensor:
         """c = (G + damping·I)⁻¹ r for r (n,) float64, G the Gram matrix; returns (n,) float64.
@@ -266,12 +275,13 @@ class CertifiedGramSpectrum(Spectrum):
         S⁻¹(r − (G + damping·I) c) shrinks the error by (τ + damping)/λ_min(S), tiny when
         the spectrum sits well above the cut. When the corrections do not fall below
         ``REFINEMENT_TOLERANCE`` of c within ``MAX_REFINEMENTS``, or shrink by less than
-        ``SLOW_CONTRACTION`` per step, G + damping·I is factorised instead — at once when the contraction
-        (τ + damping)/λ_min(S) is at least (τ + damping)/min_i S_ii ≥ ``REFINEMENT_REACH``, which no
-        refinement within ``MAX_REFINEMENTS`` survives (a large adaptive λ).
+        ``SLOW_CONTRACTION`` per step, G + damping·I is factorised instead. A damped solve factorises at once
+        up to ``DIRECT_SOLVE_SIZE``, and beyond it when the contraction (τ + damping)/λ_min(S) is at least
+        (τ + damping)/min_i L_ii² ≥ ``REFINEMENT_REACH`` (``smallest_pivot``), which no refinement within
+        ``MAX_REFINEMENTS`` survives.
         """
         system = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
-        if self.certificate.factor is None or not self.refinement_reaches(damping):
+        if self.certificate.factor is None or not self.refinement_pays(damping):
             return torch.cholesky_solve(residuals.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
         solve_shifted = lambda v: torch.cholesky_solve(v.unsqueeze(1), self.certificate.factor).squeeze(1)  # noqa: E731
         solution = solve_shifted(residuals)
