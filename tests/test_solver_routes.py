@@ -15,7 +15,8 @@ from reference import EPS64, reference_direction, reference_residuals_and_jacobi
 import sven.opt.pinv as pinv
 from sven.cost import SvenCostWarning
 from sven.jacobian import DenseJacobian
-from sven.opt.eigen import top_eigh
+from sven.opt.basis import ReflectedBasis
+from sven.opt.eigen import REFLECTED_EIGH_SIZE, top_eigh
 from sven.opt.pinv import truncated_spectrum
 from sven.opt.spectrum import RESOLVED_MARGIN, eig_floor, squared_floor
 
@@ -115,19 +116,50 @@ def psd_with_clusters(size: int, rank: int, seed: int) -> torch.Tensor:
     return basis @ torch.diag(values) @ basis.T
 
 
-@pytest.mark.parametrize("k", [1, 7, 20, 39, 40])
-def test_top_eigh_gives_all_eigenvalues_and_the_top_k_eigenvectors(k: int) -> None:
-    """Tridiagonalisation + divide and conquer + back-transformation of k vectors: eigh's values, orthonormal
-    vectors with residual ~ n·ε·λ_max."""
-    matrix = psd_with_clusters(40, 30, seed=k)
-    values, vectors = top_eigh(matrix, k)
+@pytest.mark.parametrize("size, k", [(40, 1), (40, 20), (40, 40), (160, 1), (160, 7), (160, 80), (160, 159),
+                                     (160, 160)])
+def test_top_eigh_gives_all_eigenvalues_and_the_top_k_eigenvectors(size: int, k: int) -> None:
+    """eigh below REFLECTED_EIGH_SIZE, tridiagonalisation + divide and conquer with the vectors left as
+    reflectors from it: eigh's values, orthonormal vectors with residual ~ n·ε·λ_max, and the basis's
+    Vᵀ x and V c equal to those of its dense form."""
+    matrix = psd_with_clusters(size, 3 * size // 4, seed=k)
+    values, basis = top_eigh(matrix, k)
+    assert isinstance(basis, ReflectedBasis) == (size >= REFLECTED_EIGH_SIZE)
+    vectors = basis.dense()
     expected = torch.linalg.eigvalsh(matrix)
     scale = float(expected[-1])
-    tolerance = 40 * 40 * torch.finfo(torch.float64).eps
-    assert values.shape == (40,) and vectors.shape == (40, k)
+    tolerance = size * size * torch.finfo(torch.float64).eps
+    assert values.shape == (size,) and vectors.shape == (size, k) and basis.shape == (size, k)
     assert float((values - expected).abs().max()) <= tolerance * scale
     assert float((vectors.T @ vectors - torch.eye(k, dtype=torch.float64)).abs().max()) <= tolerance
     assert float((matrix @ vectors - vectors * values[-k:]).norm()) <= tolerance * scale
+    x, c = torch.randn(size, dtype=torch.float64), torch.randn(k, dtype=torch.float64)
+    assert relative_error(basis.project(x), vectors.T @ x) <= 1e-13
+    assert relative_error(basis.combine(c), vectors @ c) <= 1e-13
+    assert relative_error(basis.reversed().columns(2).dense(), vectors.flip(1)[:, :2]) <= 1e-13
+
+
+@pytest.mark.parametrize("rows, cols, k, damping", [(150, 400, 150, 0.0), (150, 400, 40, 0.0), (150, 400, 150, 1e-4),
+                                                   (400, 150, 150, 0.0), (400, 150, 40, 0.0), (400, 150, 150, 1e-4)],
+                         ids=["rows_all", "rows_top_k", "rows_damped", "cols_all", "cols_top_k", "cols_damped"])
+def test_gram_route_with_reflected_eigenvectors_gives_the_reference_step(rows: int, cols: int, k: int,
+                                                                         damping: float) -> None:
+    """A side of at least REFLECTED_EIGH_SIZE whose spectrum rtol cuts (σ from 1 to 1e-6, rtol 1e-3): the
+    eigh route's reflected basis (M Mᵀ when rows ≤ cols, Mᵀ M otherwise) gives the truncated SVD step."""
+    generator = torch.Generator().manual_seed(rows + k)
+    size = min(rows, cols)
+    assert size >= REFLECTED_EIGH_SIZE
+    u = torch.linalg.qr(torch.randn(rows, size, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, size, generator=generator, dtype=torch.float64)).Q
+    sigma = torch.logspace(0, -6, size, dtype=torch.float64)
+    jacobian = u @ torch.diag(sigma) @ v.T
+    operator = DenseJacobian(jacobian)
+    residuals = torch.randn(rows, generator=generator, dtype=torch.float64)
+    spectrum = truncated_spectrum(operator, "gram", k, 1e-3, damping=damping)
+    expected = reference_direction(jacobian, residuals, k, 1e-3, damping)
+    assert spectrum.rank_kept == min(k, int((sigma > 1e-3).sum()))
+    # the squared route's own error, eigh or reflected alike: ε·λ_max over gaps of 10 % at λ ≈ 1e-6, about 1e-10
+    assert relative_error(spectrum.direction(operator, residuals, damping), expected) <= 1e-9
 
 
 @pytest.mark.parametrize("kappa", [1e4, 1e6, 1e8])

@@ -1,19 +1,24 @@
 """Top eigenpairs of a symmetric positive semi-definite float64 matrix S (n, n), one routine per solver.
 
 Every routine has the signature ``(S, k, options, generator) -> (eigenvalues (n',), eigenvectors (n, m))``:
-eigenvalues ascending, the last m of them belonging to the m eigenvectors (m ≤ n' ≤ n; ``top_eigh``
-returns all n values and the top k vectors); ``sven.opt.sides`` turns them into singular triplets of M. ``S`` is the
-smaller of M Mᵀ and Mᵀ M, so the solvers never touch the (rows × cols) Jacobian itself.
+eigenvalues ascending, the last m of them belonging to the m eigenvectors, a tensor or a
+``sven.opt.basis.Basis`` (m ≤ n' ≤ n; ``top_eigh`` returns all n values and the top k vectors);
+``sven.opt.sides`` turns them into singular triplets of M. ``S`` is the smaller of M Mᵀ and Mᵀ M,
+so the solvers never touch the (rows × cols) Jacobian itself.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from sven.opt.basis import Basis, DenseBasis, ReflectedBasis
 
 START_SEED = 0
 """Seed of LOBPCG's start block and ARPACK's start vector: fixed, so neither depends on global RNG state."""
@@ -28,41 +33,59 @@ class SolverOptions:
     gram_memory: int = 2**29
 
 
-EigenRoutine = Callable[[Tensor, int, SolverOptions, "torch.Generator | None"], tuple[Tensor, Tensor]]
+EigenRoutine = Callable[[Tensor, int, SolverOptions, "torch.Generator | None"], tuple[Tensor, "Tensor | Basis"]]
 
 
 def _lapack_error(routine: str, info: int) -> torch.linalg.LinAlgError:
     return torch.linalg.LinAlgError(f"LAPACK {routine} failed (info = {info})")
 
 
-def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """All n eigenvalues of S (n, n), ascending, and the eigenvectors (n, k) of the k largest: exact.
+REFLECTED_EIGH_SIZE = 128
+"""From this size on the CPU, ``top_eigh`` leaves the eigenvectors as reflectors and T's eigenvectors
+(``ReflectedBasis``): one eigh + direction of a Gaussian Gram matrix, one thread, µs: n = 64: 393 (eigh) /
+448 (reflected), 128: 1,635 / 1,354, 256: 9,063 / 5,135, 512: 51,025 / 23,569 (docs/GRAM_ENGINE.md)."""
 
-    k < n on the CPU: Householder tridiagonalisation (``dsytrd``, 4/3·n³), divide and conquer on the
-    tridiagonal matrix (``dstevd``), and the reflectors applied to the top k vectors only
-    (``torch.ormqr``, 2·n²·k) — a full ``eigh`` back-transforms all n. LAPACK's subset drivers
-    (``dsyevr``/``dsyevx`` with an index range, ``dstemr`` for a subset) find the values by
-    bisection and are slower here (docs/GRAM_ENGINE.md, "Top-k eigenpairs"). Otherwise ``torch.linalg.eigh``.
+
+@functools.cache
+def _blas_threads() -> Any:
+    """threadpoolctl's controller of the BLAS libraries loaded now (scipy's LAPACK among them)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Basis]:
+    """All n eigenvalues of S (n, n), ascending, and the eigenvectors (n, min(k, n)) of the largest: exact.
+
+    From ``REFLECTED_EIGH_SIZE`` on the CPU: Householder tridiagonalisation S = Q T Qᵀ (``dsytrd``,
+    4/3·n³), divide and conquer on T (``dstevd``), and the eigenvectors kept as Q Z
+    (``ReflectedBasis``): neither all n (a full ``eigh``) nor the top k are back-transformed.
+    scipy's LAPACK runs on ``torch.get_num_threads()`` threads (its OpenBLAS would otherwise take
+    every core). LAPACK's subset drivers (``dsyevr``/``dsyevx`` with an index range, ``dstemr`` for a
+    subset) find the values by bisection and are slower here (docs/GRAM_ENGINE.md, "Top-k
+    eigenpairs"). Below that size, or off the CPU, ``torch.linalg.eigh``.
     """
     n = matrix.shape[0]
-    if k >= n or n < 3 or matrix.device.type != "cpu":
-        return torch.linalg.eigh(matrix)
+    wanted = min(k, n)
+    if n < REFLECTED_EIGH_SIZE or matrix.device.type != "cpu":
+        values, vectors = torch.linalg.eigh(matrix)
+        return values, DenseBasis(vectors[:, n - wanted:])
     import scipy.linalg.lapack as lapack
 
-    work = int(lapack.dsytrd_lwork(n, lower=1)[0])
-    reflectors, diagonal, off_diagonal, tau, info = lapack.dsytrd(matrix.numpy(), lower=1, lwork=work)
-    if info != 0:
-        raise _lapack_error("dsytrd", info)
-    values, vectors, info = lapack.dstevd(diagonal, off_diagonal, compute_v=1)
+    with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
+        work = int(lapack.dsytrd_lwork(n, lower=1)[0])
+        reflectors, diagonal, off_diagonal, tau, info = lapack.dsytrd(matrix.numpy(), lower=1, lwork=work)
+        if info != 0:
+            raise _lapack_error("dsytrd", info)
+        values, vectors, info = lapack.dstevd(diagonal, off_diagonal, compute_v=1)
     if info != 0:
         raise _lapack_error("dstevd", info)
-    top = torch.from_numpy(np.ascontiguousarray(vectors[:, n - k:]))
-    top[1:] = torch.ormqr(torch.from_numpy(reflectors)[1:, :-1], torch.from_numpy(tau), top[1:])
-    return torch.from_numpy(values), top
+    top = torch.from_numpy(np.ascontiguousarray(vectors[:, n - wanted:]))
+    return torch.from_numpy(values), ReflectedBasis(torch.from_numpy(reflectors)[1:, :-1], torch.from_numpy(tau), top)
 
 
 def exact_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None
-               ) -> tuple[Tensor, Tensor]:
+               ) -> tuple[Tensor, Basis]:
     """``top_eigh``: the exact top-k eigenpairs."""
     return top_eigh(matrix, k)
 
@@ -121,7 +144,7 @@ def nystrom_from_sketch(omega: Tensor, sketch: Tensor, roundoff: float | None = 
 
 
 def lobpcg_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None
-                ) -> tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor | Basis]:
     """``torch.lobpcg`` (tol 1e-13) for the top k; it needs n ≥ 3k, smaller problems use ``top_eigh``.
 
     Its start block comes from a local generator seeded with ``START_SEED``.
@@ -138,7 +161,7 @@ def lobpcg_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch
 
 
 def arpack_eigh(matrix: Tensor, k: int, options: SolverOptions, generator: torch.Generator | None
-                ) -> tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor | Basis]:
     """``scipy.sparse.linalg.eigsh`` (ARPACK, tol 0, largest algebraic) while its Krylov space (2k + 1) is smaller
     than n; otherwise ARPACK would run a full Lanczos, and ``top_eigh`` gives the same pairs for less."""
     import scipy.sparse.linalg

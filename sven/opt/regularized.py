@@ -106,8 +106,8 @@ class RegularizedSolve(Spectrum):
             return torch.zeros_like(target)
         whitened = whitening.inverse_factor(whitening.inverse_factor(free_gram).T)
         spectrum = gram_eigh((whitened + whitened.T) / 2, whitened.shape[0], 0.0)
-        projected = spectrum.u.T @ whitening.inverse_factor(target)
-        return whitening.inverse_factor_transposed(spectrum.u @ (projected / spectrum.sigma**2))
+        projected = spectrum.u.project(whitening.inverse_factor(target))
+        return whitening.inverse_factor_transposed(spectrum.u.combine(projected / spectrum.sigma**2))
 
 
 class Whitening:

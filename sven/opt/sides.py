@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
+from sven.opt.basis import Basis, as_basis
 from sven.opt.spectrum import (
     CertifiedGramSpectrum,
     GramCertificate,
@@ -45,7 +46,7 @@ class Side(ABC):
         """Mᵀ or M, whichever has n columns: its right singular vectors are this side's."""
 
     @abstractmethod
-    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+    def spectrum(self, sigma: Tensor, vectors: Tensor | Basis, k: int, rtol: float, floor: float,
                  sigma_all: Tensor | None = None, damped: bool = False) -> Spectrum:
         """M's truncated spectrum from singular values ``sigma`` (m,) descending and this side's vectors (n, m).
 
@@ -57,19 +58,20 @@ class Side(ABC):
     def certified(self, certificate: GramCertificate, rtol: float, floor: float) -> Spectrum:
         """M's spectrum when ``certificate`` proves that ``matrix`` has no σ below the cut: a Cholesky solve."""
 
-    def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor, k: int, rtol: float,
+    def eigen_spectrum(self, eigenvalues: Tensor, eigenvectors: Tensor | Basis, k: int, rtol: float,
                        damping: float) -> Spectrum:
         """M's truncated spectrum from eigenpairs of ``matrix``: σ = √λ, cut at ``squared_floor`` or above.
 
         ``eigenvalues`` (n',) ascending, the last m belonging to ``eigenvectors`` (n, m); ``damping``:
         the smallest λ the step may use.
         """
+        vectors = as_basis(eigenvectors)
         sigma = eigenvalues.flip(0).clamp(min=0).sqrt()
-        found = eigenvectors.shape[1]
+        size, found = vectors.shape
         largest = float(eigenvalues.max()) if found and damping > 0 else 0.0
-        floor = squared_floor(eigenvectors.shape[0], damping, largest)
+        floor = squared_floor(size, damping, largest)
         sigma_all = None if found == sigma.numel() else sigma
-        return self.spectrum(sigma[:found], eigenvectors.flip(1), k, rtol, floor, sigma_all, floor == 0.0)
+        return self.spectrum(sigma[:found], vectors.reversed(), k, rtol, floor, sigma_all, floor == 0.0)
 
 
 class RowSide(Side):
@@ -83,7 +85,7 @@ class RowSide(Side):
     def tall(self) -> Tensor:
         return self.op.dense().T
 
-    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+    def spectrum(self, sigma: Tensor, vectors: Tensor | Basis, k: int, rtol: float, floor: float,
                  sigma_all: Tensor | None = None, damped: bool = False) -> TruncatedSpectrum:
         return keep_leading(vectors, sigma, None, k, rtol, floor, sigma_all, keep_zero=damped)
 
@@ -111,7 +113,7 @@ class ColumnSide(Side):
         """Mᵀ r (cols,) float64 for r (rows,)."""
         return self.dense64.T @ residuals.to(torch.float64)
 
-    def spectrum(self, sigma: Tensor, vectors: Tensor, k: int, rtol: float, floor: float,
+    def spectrum(self, sigma: Tensor, vectors: Tensor | Basis, k: int, rtol: float, floor: float,
                  sigma_all: Tensor | None = None, damped: bool = False) -> ColumnSpectrum:
         """U = M V / σ needs σ > 0: zeros are dropped even when damped (they weigh σ/(σ² + λ) = 0)."""
         right = keep_leading(vectors, sigma, None, k, rtol, floor, sigma_all)
@@ -130,17 +132,17 @@ class ColumnSpectrum(Spectrum):
     """
 
     side: ColumnSide
-    v: Tensor
+    v: Basis
     sigma: Tensor
     sigma_all: Tensor
     rtol_used: float
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
-        projected = self.v.T @ self.side.transposed_product(residuals)
-        return (self.v @ (projected / (self.sigma**2 + damping))).to(op.dtype)
+        projected = self.v.project(self.side.transposed_product(residuals))
+        return self.v.combine(projected / (self.sigma**2 + damping)).to(op.dtype)
 
     def leading(self, rank: int) -> ColumnSpectrum:
-        return ColumnSpectrum(self.side, self.v[:, :rank], self.sigma[:rank], self.sigma_all, self.rtol_used)
+        return ColumnSpectrum(self.side, self.v.columns(rank), self.sigma[:rank], self.sigma_all, self.rtol_used)
 
 
 class CertifiedColumnSpectrum(CertifiedGramSpectrum):

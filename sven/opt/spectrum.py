@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
+from sven.opt.basis import Basis, as_basis
 
 FLOAT64_EPS = float(torch.finfo(torch.float64).eps)
 
@@ -106,22 +107,22 @@ class TruncatedSpectrum(Spectrum):
     stays finite for σ = 0 when damped.
     """
 
-    u: Tensor
+    u: Basis
     sigma: Tensor
-    v: Tensor | None
+    v: Basis | None
     sigma_all: Tensor
     rtol_used: float
 
     def direction(self, op: JacobianOperator, residuals: Tensor, damping: float = 0.0) -> Tensor:
         squared = self.sigma**2 + damping if damping else self.sigma**2
-        projected = self.u.T @ residuals.to(torch.float64)
+        projected = self.u.project(residuals.to(torch.float64))
         if self.v is not None:
-            return (self.v @ (self.sigma / squared * projected)).to(op.dtype)
-        return op.rmatmul(self.u @ (projected / squared))
+            return self.v.combine(self.sigma / squared * projected).to(op.dtype)
+        return op.rmatmul(self.u.combine(projected / squared))
 
     def leading(self, rank: int) -> TruncatedSpectrum:
-        v = None if self.v is None else self.v[:, :rank]
-        return TruncatedSpectrum(self.u[:, :rank], self.sigma[:rank], v, self.sigma_all, self.rtol_used)
+        v = None if self.v is None else self.v.columns(rank)
+        return TruncatedSpectrum(self.u.columns(rank), self.sigma[:rank], v, self.sigma_all, self.rtol_used)
 
 
 def truncate(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float,
@@ -137,13 +138,13 @@ def truncate(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, fl
     return keep_leading(u[:, order], sigma[order], v, k, rtol, floor, sigma_all, keep_zero)
 
 
-def keep_leading(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float, floor: float,
+def keep_leading(u: Tensor | Basis, sigma: Tensor, v: Tensor | Basis | None, k: int, rtol: float, floor: float,
                  sigma_all: Tensor | None = None, keep_zero: bool = False) -> TruncatedSpectrum:
     """Keep at most k values with σ > effective_rtol(rtol, floor)·σ_max (and σ > 0) of a descending σ (n,).
 
-    ``u`` (rows, n), ``v`` (cols, n) or None, columns in the order of σ; ``sigma_all`` (≥ n,) descending
-    (default: ``sigma``). ``keep_zero`` (damped Gram routes, where each direction weighs 1/(σ² + λ)): keep
-    σ ≥ the cut, zeros included. The count is taken on the host from one copy of σ.
+    ``u`` (rows, n), ``v`` (cols, n) or None (tensors or ``Basis``), columns in the order of σ; ``sigma_all``
+    (≥ n,) descending (default: ``sigma``). ``keep_zero`` (damped Gram routes, where each direction weighs
+    1/(σ² + λ)): keep σ ≥ the cut, zeros included. The count is taken on the host from one copy of σ.
     """
     values = sigma.tolist()
     largest = values[:1] if sigma_all is None else sigma_all[:1].tolist()
@@ -152,7 +153,8 @@ def keep_leading(u: Tensor, sigma: Tensor, v: Tensor | None, k: int, rtol: float
     cut = rtol_used * largest[0] if largest else 0.0
     kept = [value >= cut for value in values] if keep_zero else [value > cut and value > 0 for value in values]
     keep = min(sum(kept), k)
-    return TruncatedSpectrum(u[:, :keep], sigma[:keep], None if v is None else v[:, :keep], sigma_all, rtol_used)
+    right = None if v is None else as_basis(v).columns(keep)
+    return TruncatedSpectrum(as_basis(u).columns(keep), sigma[:keep], right, sigma_all, rtol_used)
 
 
 def gram_eigh(gram: Tensor, k: int, rtol: float, floor: float | None = None) -> TruncatedSpectrum:
