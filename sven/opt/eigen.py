@@ -9,16 +9,15 @@ so the solvers never touch the (rows × cols) Jacobian itself.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from sven.opt.basis import Basis, DenseBasis, ReflectedBasis
+from sven.opt.lapack import torch_threads
 
 START_SEED = 0
 """Seed of LOBPCG's start block and ARPACK's start vector: fixed, so neither depends on global RNG state."""
@@ -46,24 +45,16 @@ REFLECTED_EIGH_SIZE = 128
 448 (reflected), 128: 1,635 / 1,354, 256: 9,063 / 5,135, 512: 51,025 / 23,569 (docs/GRAM_ENGINE.md)."""
 
 
-@functools.cache
-def _blas_threads() -> Any:
-    """threadpoolctl's controller of the BLAS libraries loaded now (scipy's LAPACK among them)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
 def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Basis]:
     """All n eigenvalues of S (n, n), ascending, and the eigenvectors (n, min(k, n)) of the largest: exact.
 
     From ``REFLECTED_EIGH_SIZE`` on the CPU: Householder tridiagonalisation S = Q T Qᵀ (``dsytrd``,
     4/3·n³), divide and conquer on T (``dstevd``), and the eigenvectors kept as Q Z
     (``ReflectedBasis``): neither all n (a full ``eigh``) nor the top k are back-transformed.
-    scipy's LAPACK runs on ``torch.get_num_threads()`` threads (its OpenBLAS would otherwise take
-    every core). LAPACK's subset drivers (``dsyevr``/``dsyevx`` with an index range, ``dstemr`` for a
-    subset) find the values by bisection and are slower here (docs/GRAM_ENGINE.md, "Top-k
-    eigenpairs"). Below that size, or off the CPU, ``torch.linalg.eigh``.
+    scipy's LAPACK runs on torch's thread count (``sven.opt.lapack``). LAPACK's subset drivers
+    (``dsyevr``/``dsyevx`` with an index range, ``dstemr`` for a subset) find the values by
+    bisection and are slower here (docs/GRAM_ENGINE.md, "Top-k eigenpairs"). Below that size, or
+    off the CPU, ``torch.linalg.eigh``.
     """
     n = matrix.shape[0]
     wanted = min(k, n)
@@ -72,7 +63,7 @@ def top_eigh(matrix: Tensor, k: int) -> tuple[Tensor, Basis]:
         return values, DenseBasis(vectors[:, n - wanted:])
     import scipy.linalg.lapack as lapack
 
-    with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
+    with torch_threads():
         work = int(lapack.dsytrd_lwork(n, lower=1)[0])
         reflectors, diagonal, off_diagonal, tau, info = lapack.dsytrd(matrix.numpy(), lower=1, lwork=work)
         if info != 0:

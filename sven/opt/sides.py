@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.basis import Basis, as_basis
+from sven.opt.lapack import column_gram
 from sven.opt.spectrum import (
     CertifiedGramSpectrum,
     GramCertificate,
@@ -102,7 +103,7 @@ class ColumnSide(Side):
 
     @cached_property
     def matrix(self) -> Tensor:
-        return self.dense64.T @ self.dense64
+        return column_gram(self.dense64)
 
     @property
     def tall(self) -> Tensor:
