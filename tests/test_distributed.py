@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sven import Sven, SvenWrapper
+from sven.bench.mnist import MNIST_FILES
+from sven.bench.tasks import DEFAULT_MNIST_DIR
 from sven.distributed import DistributedSvenWrapper, gathered_operator
 from sven.jacobian import GramEngine, ParamSpace, functorch_jacobian
 
@@ -310,3 +314,17 @@ def test_gathered_operator_equals_the_full_batch_operator(kind: str, engine: str
     assert type(gathered) is type(full)
     assert torch.allclose(gathered.dense(), full.dense(), rtol=0, atol=1e-14)
     assert torch.allclose(gathered.gram(), full.gram(), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.skipif(not all((DEFAULT_MNIST_DIR / name).is_file() for name in MNIST_FILES.values()),
+                    reason=f"MNIST files not in {DEFAULT_MNIST_DIR}")
+def test_the_ddp_mnist_example_runs_under_torchrun() -> None:
+    """examples/ddp_mnist.py, 2 CPU ranks (gloo), 3 steps: it finishes and checks that the ranks agree."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "ddp_mnist.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "--data-dir", str(DEFAULT_MNIST_DIR), "--steps", "3", "--threads", "1", "--log-every", "1"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "parameters identical on all ranks" in finished.stdout
+    assert finished.stdout.count("global mean loss") == 3

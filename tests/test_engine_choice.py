@@ -8,6 +8,8 @@ give a wrong Jacobian silently). Each is checked against jacrev of the residual 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import STEP_TOLERANCE, flat_parameters, make_batch, make_mlp, per_sample_mse
@@ -15,6 +17,7 @@ from reference import reference_direction, relative_error
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sven.cost import SvenCostWarning
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 
@@ -81,7 +84,13 @@ def test_auto_finds_an_exact_engine_for_residuals_written_the_usual_ways(module,
     wrapped = SvenWrapper(model, residual_fn=source_error)
     assert wrapped.engine_plan()["engine"] == "auto"
     before = flat_parameters(model)
-    Sven(wrapped, lr=LR).step(batch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Sven(wrapped, lr=LR).step(batch)
+    costs = [str(w.message) for w in caught if issubclass(w.category, SvenCostWarning)]
+    assert len(costs) == (engine == "rowwise")  # only the per-row engine is far off the fast path
+    if engine == "rowwise":
+        assert "took 'rowwise'" in costs[0] and "(10 × 33)" in costs[0] and "sven.pde.derivatives" in costs[0]
     plan = wrapped.engine_plan()
     assert plan["engine"] == engine and sorted(plan["passed_over"]) == sorted(passed_over), plan
     assert relative_error(flat_parameters(model) - before, expected) <= STEP_TOLERANCE[torch.float64]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sven.cost import warn_cost
 from sven.jacobian import (
     GramEngine,
     JacobianOperator,
@@ -24,7 +25,14 @@ from sven.jacobian import (
 )
 from sven.jacobian.masks import MASK_MODES, MaskedJacobian, draw_columns, output_units
 from sven.nn.batchnorm import BatchNormPolicy
-from sven.nn.engine_choice import AUTO_CANDIDATES, EngineChoice, choose_engine, run_and_check, tolerance_for
+from sven.nn.engine_choice import (
+    AUTO_CANDIDATES,
+    EngineChoice,
+    choose_engine,
+    rowwise_cost,
+    run_and_check,
+    tolerance_for,
+)
 from sven.nn.residual_rows import ResidualFn, ResidualRows, residual_width, signed_rows
 from sven.nn.residuals import residuals_and_row_map
 
@@ -237,6 +245,8 @@ class SvenWrapper:
         if self.engine_choice is None:
             candidates = {name: partial(run, name) for name in AUTO_CANDIDATES}
             self.engine_choice, result = choose_engine(candidates, self.model, loss_fn, batch, self.params, columns)
+            if self.engine_choice is not None and self.engine_choice.engine == "rowwise":
+                warn_cost(rowwise_cost(self.engine_choice, result[2].shape))
             return result
         engine = self.engine_choice.engine
         if self._engine_checked or engine == "rowwise":
