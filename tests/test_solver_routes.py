@@ -133,9 +133,10 @@ def test_top_eigh_gives_all_eigenvalues_and_the_top_k_eigenvectors(size: int, k:
     assert float((values - expected).abs().max()) <= tolerance * scale
     assert float((vectors.T @ vectors - torch.eye(k, dtype=torch.float64)).abs().max()) <= tolerance
     assert float((matrix @ vectors - vectors * values[-k:]).norm()) <= tolerance * scale
-    x, c = torch.randn(size, dtype=torch.float64), torch.randn(k, dtype=torch.float64)
-    assert relative_error(basis.project(x), vectors.T @ x) <= 1e-13
-    assert relative_error(basis.combine(c), vectors @ c) <= 1e-13
+    for columns in [(), (3,)]:
+        x, c = torch.randn(size, *columns, dtype=torch.float64), torch.randn(k, *columns, dtype=torch.float64)
+        assert relative_error(basis.project(x), vectors.T @ x) <= 1e-13
+        assert relative_error(basis.combine(c), vectors @ c) <= 1e-13
     assert relative_error(basis.reversed().columns(2).dense(), vectors.flip(1)[:, :2]) <= 1e-13
 
 

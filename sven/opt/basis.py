@@ -25,11 +25,11 @@ class Basis(ABC):
 
     @abstractmethod
     def project(self, x: Tensor) -> Tensor:
-        """Vᵀ x: x (n,) → (m,)."""
+        """Vᵀ x: x (n,) or (n, j) → (m,) or (m, j)."""
 
     @abstractmethod
     def combine(self, c: Tensor) -> Tensor:
-        """V c: c (m,) → (n,)."""
+        """V c: c (m,) or (m, j) → (n,) or (n, j)."""
 
     @abstractmethod
     def columns(self, stop: int) -> Basis:
@@ -89,10 +89,11 @@ class ReflectedBasis(Basis):
         return tuple(self.z.shape)
 
     def _apply_q(self, x: Tensor, transpose: bool) -> Tensor:
-        """Q x or Qᵀ x for x (n,): Q = diag(1, Q̃), Q̃ the product of the reflectors."""
-        out = x.clone()
-        out[1:] = torch.ormqr(self.reflectors, self.tau, x[1:].unsqueeze(1), transpose=transpose).squeeze(1)
-        return out
+        """Q x or Qᵀ x for x (n,) or (n, j): Q = diag(1, Q̃), Q̃ the product of the reflectors."""
+        columns = x.unsqueeze(1) if x.dim() == 1 else x
+        out = columns.clone()
+        out[1:] = torch.ormqr(self.reflectors, self.tau, columns[1:], transpose=transpose)
+        return out.squeeze(1) if x.dim() == 1 else out
 
     def project(self, x: Tensor) -> Tensor:
         return self.z.T @ self._apply_q(x, transpose=True)
@@ -107,6 +108,4 @@ class ReflectedBasis(Basis):
         return ReflectedBasis(self.reflectors, self.tau, self.z.flip(1))
 
     def dense(self) -> Tensor:
-        top = self.z.clone()
-        top[1:] = torch.ormqr(self.reflectors, self.tau, self.z[1:])
-        return top
+        return self._apply_q(self.z, transpose=False)
