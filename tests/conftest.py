@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import sven.jacobian.gram_engine as gram_engine
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 
@@ -100,6 +101,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def factored_gram_operator(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small test problems are there to check the Gram engine's factored algebra (each layer rule's Gram,
+    Mᵀu, the finite check), which their size would otherwise skip for M itself (``SMALL_JACOBIAN_ELEMENTS``):
+    the shortcut is off unless a test is marked ``small_jacobian``."""
+    if request.node.get_closest_marker("small_jacobian") is None:
+        monkeypatch.setattr(gram_engine, "SMALL_JACOBIAN_ELEMENTS", 0)
 
 
 @pytest.fixture

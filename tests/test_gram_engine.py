@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import STEP_TOLERANCE, Scaled, flat_parameters, per_sample_squared_error
+from conftest import STEP_TOLERANCE, Scaled, flat_parameters, make_batch, per_sample_squared_error
 from reference import reference_direction, reference_residuals_and_jacobian, relative_error
 from torch import Tensor, nn
 
+import sven.jacobian.gram_engine as gram_module
 import sven.opt.spectrum as spectrum_module
 from sven.jacobian import GradientBlock, GramEngine, GramJacobian, OuterProductBlock, ParamSpace, register_gram_rule
 from sven.jacobian.layers.embedding import EmbeddingBlock
@@ -267,13 +268,21 @@ def engine_operator(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Gra
     return engine, losses, operator
 
 
+SHORTCUT = [False, pytest.param(True, marks=pytest.mark.small_jacobian)]
+"""Factored operator, and the same with M itself held when small (``SMALL_JACOBIAN_ELEMENTS``)."""
+
+
+@pytest.mark.parametrize("shortcut", SHORTCUT, ids=["factored", "small_m"])
 @pytest.mark.parametrize("case_name", CASES)
-def test_operator_matches_the_dense_reference(case_name: str) -> None:
+def test_operator_matches_the_dense_reference(case_name: str, shortcut: bool) -> None:
     case = CASES[case_name]
     model, batch = case.model_and_batch(torch.float64)
     engine, losses, operator = engine_operator(model, batch)
     residuals, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
     assert engine.plan()["fallback_parameters"] == list(case.fallback)
+    assert (operator.small_dense is not None) == shortcut
+    vector = torch.randn(jacobian.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert relative_error(operator.matmul(vector), jacobian @ vector) <= GRAM_TOLERANCE
     assert relative_error(losses, residuals) <= 1e-14
     assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
     assert relative_error(operator.dense(), jacobian) <= GRAM_TOLERANCE
@@ -282,9 +291,10 @@ def test_operator_matches_the_dense_reference(case_name: str) -> None:
     assert relative_error(operator.rmatmul(coeffs), jacobian.T @ coeffs) <= GRAM_TOLERANCE
 
 
+@pytest.mark.parametrize("shortcut", SHORTCUT, ids=["factored", "small_m"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("case_name", ["mlp", "conv2d", "custom_layer", "shared_weights", "shared_embedding"])
-def test_finite_checks_match_the_dense_reference(case_name: str, value: float) -> None:
+def test_finite_checks_match_the_dense_reference(case_name: str, value: float, shortcut: bool) -> None:
     """``all_rows_finite`` (one sum per factor) and ``nonfinite_rows`` against the rows of the dense Jacobian,
     clean and with a NaN or Inf target in sample 2 (so NaN or Inf backprops in that sample's factors). Each
     reference row is the Jacobian of its sample alone (a batched jacrev spreads a NaN through 0·NaN)."""
@@ -575,3 +585,39 @@ def test_certificate_never_accepts_a_spectrum_with_a_value_below_the_cut(ratio: 
         assert certify_nothing_cut(q @ torch.diag(sigma**2) @ q.T, rtol) is None
         sigma[-1] = 4 * rtol
         assert certify_nothing_cut(q @ torch.diag(sigma**2) @ q.T, rtol) is not None
+
+
+@pytest.mark.small_jacobian
+@pytest.mark.parametrize("options", [dict(lr=0.5, k=64, rtol=1e-3), dict(lr=1.0, k=6, damping="adaptive"),
+                                     dict(lr=0.5, weight_decay=1e-2), dict(lr=0.5, line_search=True)],
+                         ids=["exact", "adaptive_top_k", "weight_decay", "line_search"])
+def test_small_m_takes_the_factored_operators_steps(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three steps with M held (B·P = 12·147 ≤ SMALL_JACOBIAN_ELEMENTS) and with the factored operator, from the
+    same start on the same batches: the same parameters to round-off."""
+    batches = [make_batch(12, 5, 3, seed=seed) for seed in range(3)]
+
+    def trained() -> Tensor:
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.float64)
+        model.load_state_dict(start)
+        held = engine_operator(model, batches[0])[2].small_dense is not None
+        assert held == (gram_module.SMALL_JACOBIAN_ELEMENTS > 0)
+        optimizer = Sven(SvenWrapper(model, per_sample_squared_error), **options)
+        for batch in batches:
+            optimizer.step(batch)
+        return flat_parameters(model)
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.float64).state_dict()
+    small = trained()
+    monkeypatch.setattr(gram_module, "SMALL_JACOBIAN_ELEMENTS", 0)
+    assert relative_error(small, trained()) <= 1e-12
+
+
+@pytest.mark.small_jacobian
+def test_m_is_held_only_up_to_small_jacobian_elements() -> None:
+    """B·P above the bound: the operator never forms M (the factored Gram, Mᵀu and finite check)."""
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.float64)
+    rows = gram_module.SMALL_JACOBIAN_ELEMENTS // 147
+    _, _, held = engine_operator(model, make_batch(rows, 5, 3))
+    _, _, factored = engine_operator(model, make_batch(rows + 1, 5, 3))
+    assert held.small_dense is not None and factored.small_dense is None and factored.all_rows_finite()

@@ -41,6 +41,7 @@ torch.save(resume_from_checkpoint(CHECKPOINT_CONFIGS[{name!r}], {path!r}), {out!
 """
 
 
+@pytest.mark.small_jacobian  # the fresh process runs the library's defaults, without conftest's fixture
 def test_a_fresh_process_resumes_bit_identically(tmp_path: Path) -> None:
     name = "gram_adaptive_rmsprop_momentum"
     path, out = tmp_path / "checkpoint.pt", tmp_path / "resumed.pt"

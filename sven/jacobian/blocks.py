@@ -48,6 +48,10 @@ class GradientBlock(ABC):
     def per_sample(self) -> list[Tensor]:
         """g_i for every sample: one tensor (B, *param.shape) per parameter."""
 
+    def flat_per_sample(self) -> list[Tensor]:
+        """g_i for every sample, flattened: one tensor (B, param.numel()) per parameter."""
+        return [g.reshape(g.shape[0], -1) for g in self.per_sample()]
+
     def add_gram(self, out: Tensor, rows_per_block: int) -> None:
         """out (B, B) float64 += ``gram()``; blocks with a row form build it ``rows_per_block`` rows at a time.
 
@@ -201,7 +205,7 @@ class OuterProductBlock(GradientBlock):
         """
         batch, tokens, _ = self.activations.shape
         if not self.uses_ghost_form:
-            flat = torch.cat(self._flat_per_sample(), dim=1).to(torch.float64)
+            flat = torch.cat(self.flat_per_sample(), dim=1).to(torch.float64)
             return lambda rows: (flat if rows == slice(None) else flat[rows]) @ flat.T
         acts = self.activations.reshape(batch * tokens, -1).to(torch.float64)
         grads = self.backprops.reshape(batch * tokens, -1).to(torch.float64)
@@ -341,11 +345,19 @@ class OuterProductBlock(GradientBlock):
 
     def per_sample(self) -> list[Tensor]:
         batch = self.activations.shape[0]
-        return [g.reshape(batch, *p.shape) for g, p in zip(self._flat_per_sample(), self.params)]
+        return [g.reshape(batch, *p.shape) for g, p in zip(self.flat_per_sample(), self.params)]
 
-    def _flat_per_sample(self) -> list[Tensor]:
-        """Σ_t b_t a_tᵀ flattened (B, d_out·d_in) and Σ_t b_t (B, d_out): the per-sample gradients of the units held."""
-        batch = self.activations.shape[0]
+    def flat_per_sample(self) -> list[Tensor]:
+        """Σ_t b_t a_tᵀ flattened (B, d_out·d_in) and Σ_t b_t (B, d_out): the per-sample gradients of the units held.
+
+        T = 1 by a broadcast product (a batched matmul of B tiny matrices costs 3× more: 50 against 15 µs at
+        B = 32, 16 × 16), else ``torch.bmm``.
+        """
+        batch, tokens, _ = self.activations.shape
+        if tokens == 1:
+            backprops = self.backprops[:, 0]
+            grads = [(backprops.unsqueeze(2) * self.activations[:, 0].unsqueeze(1)).reshape(batch, -1)]
+            return grads + [backprops] if self.bias is not None else grads
         grads = [torch.bmm(self.backprops.transpose(1, 2), self.activations).reshape(batch, -1)]
         if self.bias is not None:
             grads.append(self.backprops.sum(dim=1))

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from sven.cost import entrywise_gram_cost, warn_cost
 from sven.jacobian.blocks import GradientBlock
-from sven.jacobian.checks import check_no_batch_coupling, check_per_sample_losses
+from sven.jacobian.checks import all_finite, check_no_batch_coupling, check_per_sample_losses
 from sven.jacobian.fallback import RecomputedBlock
 from sven.jacobian.functorch_engine import LossFn
 from sven.jacobian.layers import children_batch_dim, rule_for
@@ -34,6 +35,10 @@ from sven.jacobian.operator import JacobianOperator
 from sven.jacobian.params import ParamSpace
 from sven.jacobian.shared import merge_shared
 
+SMALL_JACOBIAN_ELEMENTS = 2**15
+"""rows·cols up to which the Gram engine's operator holds M itself in float64 (256 KiB at most): there one
+matmul (M Mᵀ), one sum (the finite check) and one matvec (Mᵀ u) replace a few small operations per layer
+(docs/GRAM_ENGINE.md, "Small models")."""
 GRAM_ROW_BLOCK_ELEMENTS = 2**22
 """float64 elements of one row block (rows × B) of a layer's Gram share while M Mᵀ is assembled (32 MiB):
 up to B = 2048 the whole share is one block."""
@@ -76,8 +81,17 @@ class GramJacobian(JacobianOperator):
         self._position = {id(p): i for i, p in enumerate(params.tensors)}
         _check_coverage(blocks, params, zero_params)
 
+    @cached_property
+    def small_dense(self) -> Tensor | None:
+        """M (rows, cols) in float64 when rows·cols ≤ ``SMALL_JACOBIAN_ELEMENTS``, else None (M is never formed)."""
+        rows, cols = self.shape
+        return self.dense().to(torch.float64) if rows * cols <= SMALL_JACOBIAN_ELEMENTS else None
+
     def _compute_gram(self) -> Tensor:
-        """Σ of the blocks' shares, each added ``GRAM_ROW_BLOCK_ELEMENTS // B`` rows at a time (``add_gram``)."""
+        """Σ of the blocks' shares, each added ``GRAM_ROW_BLOCK_ELEMENTS // B`` rows at a time (``add_gram``);
+        M Mᵀ itself for a ``small_dense`` M."""
+        if self.small_dense is not None:
+            return self.small_dense @ self.small_dense.T
         batch = self.shape[0]
         gram = torch.zeros(batch, batch, dtype=torch.float64, device=self.device)
         for block in self.blocks:
@@ -113,6 +127,8 @@ class GramJacobian(JacobianOperator):
         examined only when that total is not finite."""
         if "_cached_gram" in self.__dict__:
             return super().all_rows_finite()
+        if self.small_dense is not None:
+            return all_finite(self.small_dense) or super().all_rows_finite()
         totals = torch.stack([total for block in self.blocks for total in block.factor_totals()])
         return math.isfinite(float(totals.sum())) or super().all_rows_finite()
 
@@ -140,7 +156,9 @@ class GramJacobian(JacobianOperator):
         return gram
 
     def matmul(self, v: Tensor) -> Tensor:
-        """M v from each block's factors (``GradientBlock.sample_dots``), never forming M."""
+        """M v from each block's factors (``GradientBlock.sample_dots``); a ``small_dense`` M multiplies itself."""
+        if self.small_dense is not None:
+            return (self.small_dense @ v.to(torch.float64)).to(self.dtype)
         if v.dim() == 2:
             return torch.stack([self.matmul(column) for column in v.T], dim=1)
         pieces = [piece.view_as(p) for piece, p in zip(v.split(self.params.numels), self.params.tensors)]
@@ -150,13 +168,22 @@ class GramJacobian(JacobianOperator):
         return product.to(self.dtype)
 
     def rmatmul(self, u: Tensor) -> Tensor:
+        if self.small_dense is not None:
+            return (self.small_dense.T @ u.to(torch.float64)).to(self.dtype)
         u = u.to(self.dtype)
         if u.dim() == 2:
             return torch.stack([self.rmatmul(column) for column in u.T], dim=1)
         return self._assemble([block.weighted_sum(u) for block in self.blocks], leading=())
 
     def dense(self) -> Tensor:
-        return self._assemble([block.per_sample() for block in self.blocks], leading=(self.shape[0],))
+        """M (rows, cols) from the blocks' flat per-sample gradients, zeros for the parameters of uncalled layers."""
+        rows = self.shape[0]
+        pieces: list[Tensor | None] = [None] * len(self.params.tensors)
+        for block in self.blocks:
+            for param, flat in zip(block.params, block.flat_per_sample()):
+                pieces[self._position[id(param)]] = flat
+        return torch.cat([torch.zeros(rows, p.numel(), dtype=self.dtype, device=self.device) if piece is None else piece
+                          for piece, p in zip(pieces, self.params.tensors)], dim=1)
 
     def dense_columns(self, columns: Tensor) -> Tensor:
         """M[:, columns] (rows, n): the per-sample gradients of the blocks holding a kept column, read at their
