@@ -177,13 +177,7 @@ class GramJacobian(JacobianOperator):
 
     def dense(self) -> Tensor:
         """M (rows, cols) from the blocks' flat per-sample gradients, zeros for the parameters of uncalled layers."""
-        rows = self.shape[0]
-        pieces: list[Tensor | None] = [None] * len(self.params.tensors)
-        for block in self.blocks:
-            for param, flat in zip(block.params, block.flat_per_sample()):
-                pieces[self._position[id(param)]] = flat
-        return torch.cat([torch.zeros(rows, p.numel(), dtype=self.dtype, device=self.device) if piece is None else piece
-                          for piece, p in zip(pieces, self.params.tensors)], dim=1)
+        return self._assemble([block.flat_per_sample() for block in self.blocks], leading=(self.shape[0],))
 
     def dense_columns(self, columns: Tensor) -> Tensor:
         """M[:, columns] (rows, n): the per-sample gradients of the blocks holding a kept column, read at their

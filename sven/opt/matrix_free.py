@@ -28,7 +28,7 @@ from torch import Tensor
 from sven.cost import gram_fits
 from sven.jacobian.operator import JacobianOperator
 from sven.opt.eigen import START_SEED, SolverOptions, nystrom_from_sketch
-from sven.opt.spectrum import FLOAT64_EPS, Spectrum
+from sven.opt.spectrum import FLOAT64_EPS, Spectrum, cholesky_solve_vector
 
 CG_TOLERANCE = 1e-10
 """CG stops once its recursive residual is below this fraction of ‖r‖; the reported true residual stays below
@@ -150,9 +150,8 @@ class NormalEquationSpectrum(Spectrum):
         factor = self._cholesky(damping) if self.route == "cholesky" else None
         apply = self._system(damping)
         if factor is not None:
-            solve = lambda v: torch.cholesky_solve(v.unsqueeze(1), factor).squeeze(1)  # noqa: E731
-            solution = solve(residuals)
-            solution = solution + solve(residuals - apply(solution))
+            solution = cholesky_solve_vector(factor, residuals)
+            solution = solution + cholesky_solve_vector(factor, residuals - apply(solution))
         else:
             solution, iterations = conjugate_gradients(apply, residuals, lambda v: self.nystrom.apply(v, damping),
                                                        CG_TOLERANCE, MAX_CG_ITERATIONS)

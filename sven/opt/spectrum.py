@@ -190,6 +190,11 @@ DIRECT_SOLVE_SIZE = 128
 refinement steps (docs/GRAM_ENGINE.md, "Small models"), and the adaptive λ often stalls refinement."""
 
 
+def cholesky_solve_vector(factor: Tensor, vector: Tensor) -> Tensor:
+    """A⁻¹ v for v (n,) from the lower Cholesky factor (n, n) of A; returns (n,)."""
+    return torch.cholesky_solve(vector.unsqueeze(1), factor).squeeze(1)
+
+
 def _identity_like(square: Tensor) -> Tensor:
     return torch.eye(square.shape[0], dtype=square.dtype, device=square.device)
 
@@ -283,13 +288,13 @@ class CertifiedGramSpectrum(Spectrum):
         ``MAX_REFINEMENTS`` survives.
         """
         system = self.gram if damping == 0 else self.gram + damping * _identity_like(self.gram)
-        if self.certificate.factor is None or not self.refinement_pays(damping):
-            return torch.cholesky_solve(residuals.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
-        solve_shifted = lambda v: torch.cholesky_solve(v.unsqueeze(1), self.certificate.factor).squeeze(1)  # noqa: E731
-        solution = solve_shifted(residuals)
+        shifted = self.certificate.factor
+        if shifted is None or not self.refinement_pays(damping):
+            return cholesky_solve_vector(torch.linalg.cholesky(system), residuals)
+        solution = cholesky_solve_vector(shifted, residuals)
         previous = float("inf")
         for _ in range(MAX_REFINEMENTS):
-            correction = solve_shifted(residuals - system @ solution)
+            correction = cholesky_solve_vector(shifted, residuals - system @ solution)
             solution = solution + correction
             size = float(correction.norm())
             if size <= REFINEMENT_TOLERANCE * float(solution.norm()):
@@ -297,4 +302,4 @@ class CertifiedGramSpectrum(Spectrum):
             if size > SLOW_CONTRACTION * previous:
                 break
             previous = size
-        return torch.cholesky_solve(residuals.unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+        return cholesky_solve_vector(torch.linalg.cholesky(system), residuals)
