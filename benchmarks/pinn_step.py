@@ -12,6 +12,10 @@ Each round restores the same parameters before every step and times loss_and_gra
 engines in turn (which one goes first alternates), in process CPU time; the table gives medians over the
 rounds and gram / functorch of the whole step (loss_and_grad + step()) as the median of the per-round ratios.
 Both engines' steps are compared (relative difference).
+The floor of an exact step on the eigh and Cholesky routes is timed in the same rounds: the residuals' forward pass
+alone (no derivatives), Mᵀ M of the functorch engine's M by ``column_gram`` and ``top_eigh`` (or the Cholesky) of
+it. Any engine computing the same step does at least that work, so floor / (functorch whole step) bounds the
+ratio from below (a free backward pass and a free M included).
 Writes benchmarks/results/pinn_step_cpu.json.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +36,8 @@ from sven.bench.pinn_steppers import signed_residuals
 from sven.bench.results import environment, load_average, write_json
 from sven.nn import SvenWrapper
 from sven.opt import Sven
+from sven.opt.eigen import top_eigh
+from sven.opt.lapack import column_gram
 from sven.pde import condition_losses
 
 ENGINES = ("gram", "functorch")
@@ -40,6 +47,8 @@ ROUTES = {
     "λ 1e-2, rtol 0 (Cholesky)": {"rtol": 0.0, "damping": 1e-2},
     "rtol 1e-8, line_search (lq)": {"rtol": 1e-8, "line_search": True, "max_tries": 30},
 }
+FLOOR_ROUTES = {"rtol 1e-3 (eigh)": "eigh", "λ 1e-2, rtol 0 (Cholesky)": "cholesky"}
+"""The routes whose floor is timed, and the factorisation each one needs."""
 RESULT = Path(__file__).parent / "results" / "pinn_step_cpu.json"
 
 
@@ -51,17 +60,39 @@ class TimedStep:
         self.wrapped = SvenWrapper(model, loss_fn, kappa=kappa, engine=engine)
         self.optimizer = Sven(self.wrapped, lr=1.0, k=1024, **ROUTES[route])
         self.times: dict[str, list[float]] = {"loss_and_grad": [], "step": [], "total": []}
+        self.jacobian: Tensor | None = None
 
     def run(self, batch: tuple[Tensor, ...]) -> None:
-        """Time loss_and_grad and step() in process CPU time."""
+        """Time loss_and_grad and step() in process CPU time; keep the step's Jacobian M (B, P) as ``jacobian``."""
         started = time.process_time()
         self.wrapped.loss_and_grad(batch)
         between = time.process_time()
+        operator = self.wrapped.state.operator
         self.optimizer.step()
         ended = time.process_time()
+        self.jacobian = operator.dense()
         for key, seconds in (("loss_and_grad", between - started), ("step", ended - between),
                              ("total", ended - started)):
             self.times[key].append(seconds)
+
+
+def process_ms(work: Callable[[], object]) -> float:
+    """Process CPU milliseconds of one call of ``work``."""
+    started = time.process_time()
+    work()
+    return 1e3 * (time.process_time() - started)
+
+
+def floor_parts(model: torch.nn.Module, batch: tuple[Tensor, ...], jacobian: Tensor) -> dict[str, float]:
+    """ms of the work every exact step shares: forward alone, Mᵀ M of ``jacobian`` (B, P), its eigh and Cholesky."""
+    x, *rest = batch
+    with torch.no_grad():
+        forward = process_ms(lambda: condition_losses(model(x), *rest))
+    normal = column_gram(jacobian)
+    shifted = normal + 1e-2 * torch.eye(normal.shape[0], dtype=normal.dtype)
+    return {"forward": forward, "MᵀM": process_ms(lambda: column_gram(jacobian)),
+            "eigh": process_ms(lambda: top_eigh(normal, jacobian.shape[0])),
+            "cholesky": process_ms(lambda: torch.linalg.cholesky(shifted))}
 
 
 def main() -> None:
@@ -79,6 +110,7 @@ def main() -> None:
                for form in FORMS for route in ROUTES}
     load_at_start = load_average()
     steps: dict[tuple[str, str], dict[str, Tensor]] = {}
+    floors: dict[str, list[float]] = {}
     for round_index in range(args.rounds + 1):
         for key, engines in configs.items():
             for engine in ENGINES[::-1] if round_index % 2 else ENGINES:
@@ -87,6 +119,10 @@ def main() -> None:
                         param.copy_(value.view_as(param))
                 engines[engine].run(batch)
                 steps.setdefault(key, {})[engine] = parameters_to_vector(params).detach() - start
+        jacobian = configs[next(iter(configs))]["functorch"].jacobian
+        for part, ms in floor_parts(model, batch, jacobian).items():
+            floors.setdefault(part, []).append(ms)
+    floor_ms = {part: statistics.median(values[1:]) for part, values in floors.items()}
     rows = []
     for (form, route), engines in configs.items():
         gram, functorch = (engines[engine].times for engine in ENGINES)
@@ -99,6 +135,9 @@ def main() -> None:
             "gram / functorch": statistics.median(ratios),
             "step difference": float(difference.norm() / steps[form, route]["functorch"].norm()),
         })
+        if route in FLOOR_ROUTES:
+            floor = floor_ms["forward"] + floor_ms["MᵀM"] + floor_ms[FLOOR_ROUTES[route]]
+            rows[-1].update({"floor ms": floor, "floor / functorch": floor / rows[-1]["functorch total ms"]})
     load = {"start": load_at_start, "end": load_average()}
     print(f"Poisson 2-D, tanh 2→64→1 (P = 257), B = 1024, float64, one thread, process CPU time, "
           f"median of {args.rounds} rounds; load average {load}")
@@ -111,7 +150,14 @@ def main() -> None:
                   f"{row[f'{engine} step ms']:.1f} ms | {row[f'{engine} total ms']:.1f} ms | {ratio} |")
     print("relative difference of the two engines' steps: "
           + ", ".join(f"{row['form']}, {row['route']}: {row['step difference']:.1e}" for row in rows))
-    write_json(RESULT, {"rounds": args.rounds, "rows": rows, "load_average": load, "environment": environment("cpu")})
+    print("floor of an exact step (ms, medians): " + ", ".join(f"{part} {ms:.2f}" for part, ms in floor_ms.items()))
+    print("| residual form | route | floor | floor / functorch whole step |")
+    print("|---|---|---|---|")
+    for row in rows:
+        if "floor ms" in row:
+            print(f"| {row['form']} | {row['route']} | {row['floor ms']:.1f} ms | {row['floor / functorch']:.2f} |")
+    write_json(RESULT, {"rounds": args.rounds, "rows": rows, "floor_ms": floor_ms, "load_average": load,
+                        "environment": environment("cpu")})
     print(f"wrote {RESULT}")
 
 

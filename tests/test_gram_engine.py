@@ -457,6 +457,18 @@ def test_outer_product_block_takes_each_gram_form_exactly(tokens: int, d_in: int
     assert relative_error(operator.gram(), jacobian @ jacobian.T) <= GRAM_TOLERANCE
 
 
+@pytest.mark.parametrize("d_in, d_out", [(1, 5), (5, 1), (1, 1), (3, 5)],
+                         ids=["one_input", "one_output", "one_each", "bmm"])
+def test_per_sample_gradients_of_several_tokens_match_the_dense_reference(d_in: int, d_out: int) -> None:
+    """Σ_t b_t a_tᵀ per sample (T = 4) by each of flat_per_sample's forms equals the explicit Jacobian."""
+    torch.manual_seed(0)
+    model = nn.Linear(d_in, d_out).to(torch.float64)
+    batch = (torch.randn(6, 4, d_in, dtype=torch.float64), torch.randn(6, 4, d_out, dtype=torch.float64))
+    _, _, operator = engine_operator(model, batch)
+    _, jacobian = reference_residuals_and_jacobian(model, per_sample_squared_error, batch)
+    assert relative_error(operator.dense(), jacobian) <= GRAM_TOLERANCE
+
+
 class BiasForgettingLinear(nn.Linear):
     """A Linear whose (deliberately wrong) Gram rule returns a block for the weight only."""
 
