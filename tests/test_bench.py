@@ -375,6 +375,15 @@ def test_lbfgs_uses_strong_wolfe_and_keeps_its_curvature_pairs_within_one_batch(
         assert state["n_iter"] <= settings["max_iter"] and len(state["old_dirs"]) < settings["max_iter"]
 
 
+def test_trace_every_sets_each_seeded_runs_trace_and_the_report_names_it(tmp_path: Path) -> None:
+    run_cli("toy1d", "--optimizers", "adam", "--epochs", "1", "--subset", "96", "--trace-every", "2",
+            "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "toy1d-compare.json").read_text())
+    assert payload["options"]["trace_every"] == 2
+    assert payload["runs"][0]["trace"]["step"] == [0, 2, 3]
+    assert "Validation trace every 2 optimizer steps." in render_report(tmp_path, tmp_path)
+
+
 def test_report_renders_the_demo_table_and_the_time_to_target_section(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()

@@ -58,7 +58,9 @@ def synthetic_payload() -> dict[str, Any]:
 
 
 def test_labels_to_skip_are_the_entries_held_and_merged_keeps_the_study_order() -> None:
+    """The synthetic payload records no trace_every, as results written before the option: they traced every 50."""
     earlier = synthetic_payload()
+    assert "trace_every" not in earlier["options"]
     options = StudyOptions(epochs=3, seeds=2)
     held = labels_to_skip(earlier, "demo", "toy1d", options, environment("cpu"))
     assert held == tuple(entry_label(optimizer, overrides) for optimizer, overrides in DEMO_STUDY[:2])
@@ -74,6 +76,7 @@ def test_labels_to_skip_are_the_entries_held_and_merged_keeps_the_study_order() 
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda p: p["options"].update(epochs=20), "their option epochs is 20, this run's is 3"),
+    (lambda p: p["options"].update(trace_every=10), "their option trace_every is 10, this run's is 50"),
     (lambda p: p.update(task="poly"), "their task is 'poly', this run's is 'toy1d'"),
     (lambda p: p["environment"].update(torch="0.0"), "their environment torch is '0.0'"),
     (lambda p: p["runs"][0]["settings"].update(lr=0.5), "their settings of 'adam' is {'lr': 0.5}"),

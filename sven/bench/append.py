@@ -12,9 +12,12 @@ from typing import Any
 
 from sven.bench.grids import entry_settings
 from sven.bench.studies import LISTED_STUDIES, Entries, StudyOptions, entry_label, switched_on
+from sven.bench.train import TRACE_EVERY
 
-PROTOCOL = ("epochs", "seeds", "subset", "device", "grid")
+PROTOCOL = ("epochs", "seeds", "subset", "device", "grid", "trace_every")
 """The options the earlier results and the added runs must share."""
+RECORDED_LATER = {"trace_every": TRACE_EVERY}
+"""Protocol options that results written before they existed do not record, with the value those results used."""
 
 
 def _mismatch(what: str, earlier: Any, now: Any) -> ValueError:
@@ -47,8 +50,8 @@ def labels_to_skip(earlier: dict[str, Any], study: str, task_name: str, options:
         raise ValueError("cannot add to grid-searched results (each optimizer's search would be rerun); "
                          "rerun the whole study instead")
     for what, stored, now in (("study", earlier["study"], study), ("task", earlier["task"], task_name),
-                              *((f"option {key}", earlier["options"].get(key), getattr(options, key))
-                                for key in PROTOCOL),
+                              *((f"option {key}", earlier["options"].get(key, RECORDED_LATER.get(key)),
+                                 getattr(options, key)) for key in PROTOCOL),
                               *((f"environment {key}", earlier["environment"].get(key), value)
                                 for key, value in environment.items())):
         if stored != now:

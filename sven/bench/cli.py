@@ -21,6 +21,7 @@ from sven.bench.results import command_line, environment, load_average, read_jso
 from sven.bench.studies import LISTED_STUDIES, STUDIES, StudyOptions, result_name, run_study
 from sven.bench.tables import summary_table, text_table
 from sven.bench.tasks import TASK_BUILDERS
+from sven.bench.train import TRACE_EVERY
 from sven.bench.verdict import bar_verdict
 
 
@@ -84,6 +85,9 @@ def study_parser() -> argparse.ArgumentParser:
                              "environment and settings, else an error)")
     parser.add_argument("--subset", type=_positive, default=None,
                         help="keep only the first N train and N validation samples")
+    parser.add_argument("--trace-every", type=_positive, default=TRACE_EVERY,
+                        help=f"optimizer steps between two points of each run's validation trace, the time-to-target "
+                             f"clock's resolution (default {TRACE_EVERY}; evaluation is off the training clock)")
     parser.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX .gz files")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG (bench_out)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -126,9 +130,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
         return payload
 
     options = StudyOptions(optimizers=args.optimizers, epochs=args.epochs, seeds=args.seeds, grid=args.grid,
-                           grid_epochs=args.grid_epochs, subset=args.subset, device=args.device,
-                           data_dir=args.data_dir, progress=not args.no_progress, overrides=dict(args.overrides),
-                           checkpoint=save)
+                           grid_epochs=args.grid_epochs, subset=args.subset, trace_every=args.trace_every,
+                           device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
+                           overrides=dict(args.overrides), checkpoint=save)
     if earlier is not None:
         options.skip_labels = labels_to_skip(earlier, args.study, args.task, options, environment(args.device))
     payload = save(run_study(args.study, args.task, options))

@@ -34,7 +34,7 @@ from sven.bench.grids import (
 from sven.bench.optimizers import OptimizerUnavailable
 from sven.bench.results import final
 from sven.bench.tasks import REGRESSION, Task, build_task
-from sven.bench.train import train
+from sven.bench.train import TRACE_EVERY, train
 
 Checkpoint = Callable[[dict[str, Any]], None]
 SWEEP_METRICS = {"k": "train_loss", "rtol": "train_loss", "microbatch_size": "val_loss", "param_fraction": "val_loss"}
@@ -45,7 +45,8 @@ LOSS_SIBLINGS = {"mnist-regression": "mnist-ce", "mnist-ce": "mnist-regression",
 @dataclass
 class StudyOptions:
     """What the command line chose: optimizers, epochs (None: the task's), seeds, grid search and its epochs,
-    a train/validation subset size (None: all), the device, the MNIST folder, whether to show progress bars,
+    a train/validation subset size (None: all), the optimizer steps between two points of each seeded run's
+    validation trace, the device, the MNIST folder, whether to show progress bars,
     settings that override the defaults of every optimizer of a compare run, the labels of a listed study's
     entries not to run (they are in the earlier results that this run adds to: ``sven.bench.append``), and
     ``checkpoint``: called by a compare run with its payload so far after each optimizer but the last
@@ -58,6 +59,7 @@ class StudyOptions:
     grid: bool = False
     grid_epochs: int | None = None
     subset: int | None = None
+    trace_every: int = TRACE_EVERY
     device: str = "cpu"
     data_dir: str | None = None
     progress: bool = True
@@ -100,7 +102,8 @@ def seeded_runs(task: Task, optimizer: str, settings: dict[str, Any], label: str
                 options: StudyOptions) -> list[dict[str, Any]]:
     """``optimizer`` with ``settings`` trained once per seed 0..seeds-1, each run labelled ``label``."""
     return [_labelled(train(task, optimizer, settings, seed, options.epochs_for(task), options.device,
-                            progress=options.progress), label) for seed in range(options.seeds)]
+                            progress=options.progress, trace_every=options.trace_every), label)
+            for seed in range(options.seeds)]
 
 
 def compare(task: Task, options: StudyOptions) -> dict[str, Any]:

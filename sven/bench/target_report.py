@@ -87,7 +87,8 @@ def timing_lines(payloads: list[dict[str, Any]], figures: Path, page: Path) -> l
         return []
     lines = ["## Time to target", "",
              "Training seconds (the clock stops during evaluation; validation loss recorded every "
-             f"{TRACE_EVERY} optimizer steps and at each epoch's end) until a run's validation loss first reaches "
+             f"{TRACE_EVERY} optimizer steps, unless a study says otherwise (`--trace-every`), and at each epoch's "
+             "end) until a run's validation loss first reaches "
              "Adam's and LM's final validation loss on the same seed: mean over the seeds that reach it "
              "(reached/seeds). "
              f"LM is torch-levenberg-marquardt; one LM step with damping λ equals `{RUNNER}` (Sven, κ = 1) with "
@@ -95,7 +96,11 @@ def timing_lines(payloads: list[dict[str, Any]], figures: Path, page: Path) -> l
     for payload in traced:
         lm = reference_label(payload, LM)
         references = [reference_label(payload, ADAM), *([lm] if lm else [])]
-        lines += [f"### {payload['name']}", "", markdown_table(*target_table(payload, references)), ""]
+        lines += [f"### {payload['name']}", ""]
+        every = payload["options"].get("trace_every", TRACE_EVERY)
+        if every != TRACE_EVERY:
+            lines += [f"Validation trace every {every} optimizer steps.", ""]
+        lines += [markdown_table(*target_table(payload, references)), ""]
         if lm:
             lines += race_lines(payload, lm)
         else:
