@@ -1,4 +1,4 @@
-"""Step time of Sven on a PDE residual: the Gram engine against engine="functorch", B = 1024.
+"""Step time of Sven on a PDE residual: the Taylor and Gram engines against engine="functorch", B = 1024.
 
     python benchmarks/pinn_step.py [--rounds 31]
 
@@ -8,10 +8,10 @@ Residual forms: kappa = 1 on the squared residual w·r² (what the PINN benchmar
 signed residual √w·r (the same Gauss–Newton step). Solve routes (rows 1024 > P: the P × P side Mᵀ M):
 rtol = 1e-3 (the spectrum is cut: eigh), λ = 1e-2 with rtol = 0 (nothing is cut: Cholesky) and the PINN
 benchmark's setting (rtol = 1e-8, line_search: "auto" takes "lq").
-Each round restores the same parameters before every step and times loss_and_grad, then step(), of both
-engines in turn (which one goes first alternates), in process CPU time; the table gives medians over the
-rounds and gram / functorch of the whole step (loss_and_grad + step()) as the median of the per-round ratios.
-Both engines' steps are compared (relative difference).
+Each round restores the same parameters before every step and times loss_and_grad, then step(), of the three
+engines in turn (the order reverses every other round), in process CPU time; the table gives medians over the
+rounds and, for "taylor" and "gram", the ratio to "functorch" of the whole step (loss_and_grad + step()) as
+the median of the per-round ratios. Their steps are compared with functorch's (relative difference).
 The floor of an exact step on the eigh and Cholesky routes is timed in the same rounds: the residuals' forward pass
 alone (no derivatives), Mᵀ M of the functorch engine's M by ``column_gram`` and ``top_eigh`` (or the Cholesky) of
 it. Any engine computing the same step does at least that work, so floor / (functorch whole step) bounds the
@@ -40,7 +40,8 @@ from sven.opt.eigen import top_eigh
 from sven.opt.lapack import column_gram
 from sven.pde import condition_losses
 
-ENGINES = ("gram", "functorch")
+ENGINES = ("taylor", "gram", "functorch")
+REFERENCE = "functorch"
 FORMS = {"kappa=1 w·r²": (condition_losses, 1.0), "kappa=2 √w·r": (signed_residuals, 2.0)}
 ROUTES = {
     "rtol 1e-3 (eigh)": {"rtol": 1e-3},
@@ -125,15 +126,18 @@ def main() -> None:
     floor_ms = {part: statistics.median(values[1:]) for part, values in floors.items()}
     rows = []
     for (form, route), engines in configs.items():
-        gram, functorch = (engines[engine].times for engine in ENGINES)
-        ratios = [g / f for g, f in zip(gram["total"][1:], functorch["total"][1:])]
-        difference = steps[form, route]["gram"] - steps[form, route]["functorch"]
+        reference = engines[REFERENCE].times["total"][1:]
+        reference_step = steps[form, route][REFERENCE]
         rows.append({
             "form": form, "route": route,
             **{f"{engine} {part} ms": 1e3 * statistics.median(engines[engine].times[part][1:])
                for engine in ENGINES for part in ("loss_and_grad", "step", "total")},
-            "gram / functorch": statistics.median(ratios),
-            "step difference": float(difference.norm() / steps[form, route]["functorch"].norm()),
+            **{f"{engine} / {REFERENCE}": statistics.median(
+                own / other for own, other in zip(engines[engine].times["total"][1:], reference))
+               for engine in ENGINES if engine != REFERENCE},
+            **{f"{engine} step difference": float((steps[form, route][engine] - reference_step).norm()
+                                                  / reference_step.norm())
+               for engine in ENGINES if engine != REFERENCE},
         })
         if route in FLOOR_ROUTES:
             floor = floor_ms["forward"] + floor_ms["MᵀM"] + floor_ms[FLOOR_ROUTES[route]]
@@ -141,15 +145,16 @@ def main() -> None:
     load = {"start": load_at_start, "end": load_average()}
     print(f"Poisson 2-D, tanh 2→64→1 (P = 257), B = 1024, float64, one thread, process CPU time, "
           f"median of {args.rounds} rounds; load average {load}")
-    print("| residual form | route | engine | loss_and_grad | step() | whole step | gram / functorch |")
+    print(f"| residual form | route | engine | loss_and_grad | step() | whole step | / {REFERENCE} |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         for engine in ENGINES:
-            ratio = f"{row['gram / functorch']:.2f}" if engine == "gram" else ""
+            ratio = f"{row[f'{engine} / {REFERENCE}']:.2f}" if engine != REFERENCE else ""
             print(f"| {row['form']} | {row['route']} | {engine} | {row[f'{engine} loss_and_grad ms']:.1f} ms | "
                   f"{row[f'{engine} step ms']:.1f} ms | {row[f'{engine} total ms']:.1f} ms | {ratio} |")
-    print("relative difference of the two engines' steps: "
-          + ", ".join(f"{row['form']}, {row['route']}: {row['step difference']:.1e}" for row in rows))
+    print(f"relative difference of each engine's step from {REFERENCE}'s: " + ", ".join(
+        f"{row['form']}, {row['route']}, {engine}: {row[f'{engine} step difference']:.1e}"
+        for row in rows for engine in ENGINES if engine != REFERENCE))
     print("floor of an exact step (ms, medians): " + ", ".join(f"{part} {ms:.2f}" for part, ms in floor_ms.items()))
     print("| residual form | route | floor | floor / functorch whole step |")
     print("|---|---|---|---|")

@@ -71,7 +71,7 @@ def test_unknown_svd_mode_lists_the_valid_ones() -> None:
         (dict(param_fraction=-0.2), "param_fraction must be in (0, 1]; got -0.2"),
         (dict(microbatch_size=0), "microbatch_size must be an integer >= 1; got 0"),
         (dict(microbatch_size=2.5), "microbatch_size must be an integer >= 1; got 2.5"),
-        (dict(engine="jax"), "engine must be one of ('auto', 'gram', 'functorch', 'rowwise'); got 'jax'"),
+        (dict(engine="jax"), "engine must be one of ('auto', 'taylor', 'gram', 'functorch', 'rowwise'); got 'jax'"),
         (dict(param_fraction=0.5, mask_mode="columns"),
          "mask_mode must be one of ('elementwise', 'rows', 'tensor'); got 'columns'"),
         (dict(kappa=0.0), "kappa must be > 0; got 0.0"),

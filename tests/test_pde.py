@@ -11,9 +11,12 @@ from reference import reference_direction, reference_residuals_and_jacobian, rel
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
+from sven.jacobian.params import ParamSpace
 from sven.nn import SvenWrapper
 from sven.opt import Sven
 from sven.pde import CollocationResidual, condition_losses, condition_weights, derivatives, negative_laplacian
+from sven.pde.activations import activation_rule, third_derivative_rule
+from sven.pde.jacobian import taylor_engine_refusal, taylor_jacobian
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -98,12 +101,17 @@ def poisson_model(sizes: list[int]) -> CollocationResidual:
     return CollocationResidual(make_mlp(sizes), negative_laplacian)
 
 
-@pytest.mark.parametrize("engine", ["gram", "functorch"])
-def test_gram_engine_jacobian_of_pde_residuals_is_exact(engine: str) -> None:
-    """The stacked-token Linear calls give the Gram engine the exact Jacobian (and J Jᵀ) of the residuals."""
+ENGINES = ["taylor", "gram", "functorch"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_give_the_exact_jacobian_of_pde_residuals(engine: str) -> None:
+    """The Taylor engine's written-out passes, and the stacked-token Linear calls the Gram engine sees, give the
+    exact Jacobian (and J Jᵀ) of the residuals."""
     model, batch = poisson_model([2, 8, 8, 1]), poisson_batch(10, 4)
     wrapped = SvenWrapper(model, condition_losses, kappa=1.0, engine=engine)
-    assert wrapped.engine_plan()["fallback_parameters"] == ([] if engine == "gram" else list(wrapped.params.names))
+    fast = engine != "functorch"
+    assert wrapped.engine_plan()["fallback_parameters"] == ([] if fast else list(wrapped.params.names))
     wrapped.loss_and_grad(batch)
     residuals, jacobian = reference_residuals_and_jacobian(model, condition_losses, batch, kappa=1.0)
     operator = wrapped.state.operator
@@ -112,7 +120,7 @@ def test_gram_engine_jacobian_of_pde_residuals_is_exact(engine: str) -> None:
     assert relative_error(operator.gram(), jacobian @ jacobian.T) <= 1e-12
 
 
-@pytest.mark.parametrize("engine", ["gram", "functorch"])
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("sizes, points", [([2, 8, 8, 1], (10, 4)), ([2, 6, 1], (30, 10))], ids=["b_lt_p", "b_gt_p"])
 def test_sven_step_on_poisson_residuals_is_the_reference_step(sizes: list[int], points: tuple[int, int],
                                                                engine: str) -> None:
@@ -140,8 +148,9 @@ def largest_allocation_of_a_poisson_step(engine: str) -> tuple[int, int]:
     return recorder.numel, batch[0].shape[0] * wrapped.params.size
 
 
-def test_gram_engine_pde_step_allocates_nothing_of_jacobian_size() -> None:
-    largest, jacobian_size = largest_allocation_of_a_poisson_step("gram")
+@pytest.mark.parametrize("engine", ["taylor", "gram"])
+def test_fast_engines_pde_step_allocates_nothing_of_jacobian_size(engine: str) -> None:
+    largest, jacobian_size = largest_allocation_of_a_poisson_step(engine)
     assert largest < jacobian_size // 4, f"largest allocation {largest}; B·P = {jacobian_size}"
     functorch_largest, _ = largest_allocation_of_a_poisson_step("functorch")
     assert functorch_largest >= jacobian_size
@@ -167,5 +176,126 @@ def test_both_engines_and_residual_forms_take_one_step_at_b1024(options: dict) -
     """B = 1024 > P = 257: with rtol = 1e-3 the spectrum is cut (eigh of Mᵀ M); damped with rtol = 0 nothing is,
     and the cols × cols side is solved by Cholesky. benchmarks/pinn_step.py times these steps."""
     forms = ((condition_losses, 1.0), (signed_residuals, 2.0))
-    steps = [one_step(engine, loss_fn, kappa, options) for loss_fn, kappa in forms for engine in ("gram", "functorch")]
+    steps = [one_step(engine, loss_fn, kappa, options) for loss_fn, kappa in forms for engine in ENGINES]
     assert all(relative_error(step, steps[0]) <= 1e-8 for step in steps)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_third_derivatives_match_torch_func(activation: str) -> None:
+    module = ACTIVATIONS[activation]()
+    h = torch.linspace(-4, 4, 81, dtype=torch.float64)
+    expected = torch.vmap(torch.func.grad(torch.func.grad(torch.func.grad(module))))(h)
+    third = third_derivative_rule(module)(module, h, activation_rule(module)(module, h))
+    assert relative_error(third, expected) <= 1e-12
+
+
+def heat_operator(taylor) -> Tensor:
+    """u_t − ¼ u_xx with t the first coordinate and the Laplacian over the second."""
+    return taylor.gradient[:, 0, 0] - 0.25 * taylor.laplacian[:, 0]
+
+
+def shared_layer_net() -> nn.Sequential:
+    """2 → 5 → 5 → 5 → 1 with the same 5 → 5 Linear twice."""
+    torch.manual_seed(3)
+    hidden = nn.Linear(5, 5)
+    return nn.Sequential(nn.Linear(2, 5), nn.Tanh(), hidden, nn.SiLU(), hidden, nn.GELU(), nn.Linear(5, 1)).double()
+
+
+TAYLOR_CASES = {
+    **{f"poisson_{name}": lambda name=name: CollocationResidual(
+        make_mlp([2, 6, 5, 1], activation=ACTIVATIONS[name]), negative_laplacian) for name in ACTIVATIONS},
+    "heat_dims": lambda: CollocationResidual(make_mlp([2, 6, 5, 1]), heat_operator, laplacian_dims=[1]),
+    "shared_layer": lambda: CollocationResidual(shared_layer_net(), negative_laplacian),
+    "activation_first": lambda: CollocationResidual(nn.Sequential(nn.Tanh(), *make_mlp([2, 6, 1])),
+                                                    negative_laplacian),
+    "no_activation": lambda: CollocationResidual(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)).double(),
+                                                 heat_operator),
+    "three_dims": lambda: CollocationResidual(make_mlp([3, 6, 1], activation=nn.Sigmoid), negative_laplacian),
+}
+
+
+@pytest.mark.parametrize("case", TAYLOR_CASES)
+def test_taylor_engine_matches_the_dense_reference(case: str) -> None:
+    model = TAYLOR_CASES[case]()
+    d = model.net[0].in_features if isinstance(model.net[0], nn.Linear) else model.net[1].in_features
+    x, target, weight, on_boundary = poisson_batch(9, 3)
+    x = torch.cat([x, torch.rand(12, d - 2, dtype=torch.float64)], dim=1) if d > 2 else x
+    batch = (x, target, weight, on_boundary)
+    params = ParamSpace.of_module(model)
+    assert taylor_engine_refusal(model, params) is None
+    losses, _, operator = taylor_jacobian(model, condition_losses, batch, params)
+    _, jacobian = reference_residuals_and_jacobian(model, condition_losses, batch, kappa=2.0)
+    with torch.no_grad():
+        expected_losses = condition_losses(model(x), target, weight, on_boundary)
+    assert relative_error(losses, expected_losses) <= 1e-13
+    assert relative_error(operator.dense(), jacobian) <= 1e-12
+    assert relative_error(operator.gram(), jacobian @ jacobian.T) <= 1e-12
+
+
+def test_taylor_engine_leaves_frozen_parameters_out() -> None:
+    model = poisson_model([2, 6, 1])
+    model.net[0].weight.requires_grad_(False)
+    batch = poisson_batch(8, 2)
+    params = ParamSpace.of_module(model)
+    _, _, operator = taylor_jacobian(model, condition_losses, batch, params)
+    _, jacobian = reference_residuals_and_jacobian(model, condition_losses, batch, kappa=2.0)
+    assert operator.shape == (10, params.size) and relative_error(operator.dense(), jacobian) <= 1e-12
+
+
+class ScaledResidual(CollocationResidual):
+    """A residual with a trainable coefficient outside the network: the Taylor engine cannot see it."""
+
+    def __init__(self) -> None:
+        super().__init__(make_mlp([2, 6, 1]), negative_laplacian)
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def compose(self, taylor) -> Tensor:
+        return super().compose(taylor) * self.scale
+
+
+def test_auto_takes_the_taylor_engine_where_it_applies_and_the_gram_engine_elsewhere() -> None:
+    batch = poisson_batch(10, 4)
+    wrapped = SvenWrapper(poisson_model([2, 6, 1]), condition_losses, kappa=1.0)
+    wrapped.loss_and_grad(batch)
+    plan = wrapped.engine_plan()
+    assert plan["engine"] == "taylor" and plan["passed_over"] == {}
+    assert plan["fast_layers"] == ["net.0 (Linear)", "net.2 (Linear)"] and plan["fallback_parameters"] == []
+    scaled = SvenWrapper(ScaledResidual(), condition_losses, kappa=1.0)
+    assert taylor_engine_refusal(scaled.model, scaled.params) == (
+        "parameters ['scale'] are not weights or biases of the network's Linear layers")
+    scaled.loss_and_grad(batch)
+    assert scaled.engine_plan()["engine"] == "gram"
+
+
+class ShiftedResidual(CollocationResidual):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + x.sum(dim=1, keepdim=True)
+
+
+def test_taylor_engine_is_refused_for_a_model_it_cannot_differentiate() -> None:
+    with pytest.raises(ValueError, match=r"engine='taylor' cannot differentiate this model: the model is a "
+                                         r"Sequential, not a sven.pde.CollocationResidual; use engine='auto'"):
+        SvenWrapper(make_mlp([2, 4, 1]), condition_losses, engine="taylor")
+    with pytest.raises(ValueError, match=r"ShiftedResidual overrides CollocationResidual.forward"):
+        SvenWrapper(ShiftedResidual(make_mlp([2, 4, 1]), negative_laplacian), condition_losses, engine="taylor")
+    relu = CollocationResidual(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).double(), negative_laplacian)
+    with pytest.raises(ValueError, match=r"module '1' \(ReLU\) of its network has no Taylor rule"):
+        SvenWrapper(relu, condition_losses, engine="taylor")
+
+
+def vector_residuals(pred: Tensor, target: Tensor, weight: Tensor, on_boundary: Tensor) -> Tensor:
+    """(B, 2): √weight · r and ½u per point, two conditions per sample."""
+    residual = weight.sqrt() * (torch.where(on_boundary, pred[:, 1], pred[:, 0]) - target)
+    return torch.stack([residual, 0.5 * pred[:, 1]], dim=1)
+
+
+@pytest.mark.parametrize("residual_fn", [signed_residuals, vector_residuals], ids=["signed", "vector"])
+def test_taylor_engine_steps_residual_fn_rows_as_the_functorch_engine(residual_fn) -> None:
+    steps = []
+    for engine in ("taylor", "functorch"):
+        model = poisson_model([2, 8, 8, 1])
+        optimizer = Sven(SvenWrapper(model, residual_fn=residual_fn, engine=engine), lr=1.0, k=64, rtol=1e-3)
+        before = flat_parameters(model)
+        optimizer.step(poisson_batch(10, 4))
+        steps.append(flat_parameters(model) - before)
+    assert relative_error(steps[0], steps[1]) <= 1e-9

@@ -1,14 +1,15 @@
 """``engine="auto"``: the fastest Jacobian engine that gives this model's exact Jacobian, checked once.
 
-Candidates, fastest first: "gram" (hooks, never forms M), "functorch" (vmap of per-sample
-gradients) and "rowwise" (one forward, one ``autograd.grad`` per row: exact for any forward,
-including one that calls ``torch.autograd.grad(create_graph=True)`` or ``torch.func``
-transforms itself). On the first batch each candidate is run; one that raises is skipped, and
-one whose M^T c disagrees with the gradient of Σ_i c_i l_i (one ordinary backward, random c,
-the same random numbers as the engine's pass) is skipped too: a forward that uses a weight in
-a way the Gram engine's hooks cannot see (a second-order use through ``create_graph``) would
-otherwise give a wrong step without an error. The last candidate is taken unchecked; when
-every candidate raises, the first one's error (the Gram engine's) is raised.
+Candidates, fastest first: "taylor" (only for a ``sven.pde.CollocationResidual`` whose network it
+supports: the forward Laplacian and its reverse written out, ``sven.pde.jacobian``), "gram" (hooks,
+never forms M), "functorch" (vmap of per-sample gradients) and "rowwise" (one forward, one
+``autograd.grad`` per row: exact for any forward, including one that calls
+``torch.autograd.grad(create_graph=True)`` or ``torch.func`` transforms itself). On the first batch
+each candidate is run; one that raises is skipped, and one whose M^T c disagrees with the gradient of
+Σ_i c_i l_i (one ordinary backward, random c, the same random numbers as the engine's pass) is skipped
+too: a forward that uses a weight in a way the Gram engine's hooks cannot see (a second-order use
+through ``create_graph``) would otherwise give a wrong step without an error. The last candidate is
+taken unchecked; when every candidate raises, the first one's error is raised.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from sven.jacobian.operator import JacobianOperator
 from sven.jacobian.params import ParamSpace
 
-AUTO_CANDIDATES = ("gram", "functorch", "rowwise")
+AUTO_CANDIDATES = ("taylor", "gram", "functorch", "rowwise")
 JacobianFn = Callable[[], tuple[Tensor, Tensor, JacobianOperator]]
 
 

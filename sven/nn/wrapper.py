@@ -35,6 +35,7 @@ from sven.nn.engine_choice import (
 )
 from sven.nn.residual_rows import ResidualFn, ResidualRows, residual_width, signed_rows
 from sven.nn.residuals import residuals_and_row_map
+from sven.pde.jacobian import taylor_engine_refusal, taylor_jacobian, taylor_layers
 
 ENGINES = ("auto", *AUTO_CANDIDATES)
 
@@ -83,7 +84,9 @@ class SvenWrapper:
             ``Sven.state_dict()`` carries. With f = 1 no random number is drawn.
         microbatch_size: m ≥ 1; losses are averaged over consecutive groups of m samples
             before the power, so M has ⌈B/m⌉ rows; the last group is smaller when m ∤ B.
-        engine: "gram" (hooks, never forms the B × P Jacobian), "functorch" (vmap of
+        engine: "taylor" (a ``sven.pde.CollocationResidual`` only: its forward Laplacian and the reverse pass
+            written out, M kept factored as the Gram engine keeps it), "gram" (hooks, never forms the
+            B × P Jacobian), "functorch" (vmap of
             per-sample gradients, materialises it), "rowwise" (one forward and one backward per
             row: exact for any forward, materialises M) or "auto": the first of these that gives
             the exact Jacobian, checked on the first batch (``sven.nn.engine_choice``); see
@@ -154,6 +157,10 @@ class SvenWrapper:
         self._units = output_units(self.model, self.params) if mask_mode == "rows" else []
         self._gram_engine = (GramEngine(self.model, self.params, fallback_chunk_numel)
                              if engine in ("auto", "gram") else None)
+        self._taylor_refusal = taylor_engine_refusal(self.model, self.params)
+        if engine == "taylor" and self._taylor_refusal is not None:
+            raise ValueError(f"engine='taylor' cannot differentiate this model: {self._taylor_refusal}; "
+                             "use engine='auto'")
         self.state: JacobianState | None = None
         self.generator = self._seeded_generator() if self.param_fraction < 1 else None
 
@@ -243,7 +250,8 @@ class SvenWrapper:
             return coupled_jacobian(self.model, loss_fn, batch, self.params, columns)
         run = partial(self._run_engine, loss_fn=loss_fn, batch=batch, columns=columns)
         if self.engine_choice is None:
-            candidates = {name: partial(run, name) for name in AUTO_CANDIDATES}
+            candidates = {name: partial(run, name) for name in AUTO_CANDIDATES
+                          if name != "taylor" or self._taylor_refusal is None}
             self.engine_choice, result = choose_engine(candidates, self.model, loss_fn, batch, self.params, columns)
             if self.engine_choice is not None and self.engine_choice.engine == "rowwise":
                 warn_cost(rowwise_cost(self.engine_choice, result[2].shape))
@@ -263,8 +271,9 @@ class SvenWrapper:
 
     def _run_engine(self, name: str, loss_fn: Callable[..., Tensor], batch: tuple, columns: Tensor | None
                     ) -> tuple[Tensor, Tensor, JacobianOperator]:
-        if name == "gram":
-            values, preds, operator = self._gram_engine.compute(loss_fn, batch)
+        if name in ("taylor", "gram"):
+            values, preds, operator = (taylor_jacobian(self.model, loss_fn, batch, self.params) if name == "taylor"
+                                       else self._gram_engine.compute(loss_fn, batch))
             return values, preds, operator if columns is None else MaskedJacobian(operator, columns)
         if name == "functorch":
             check_no_batch_coupling(self.model)
@@ -300,9 +309,9 @@ class SvenWrapper:
     def engine_plan(self) -> dict[str, Any]:
         """Where the Jacobian's columns come from, for the model's train/eval flags as they are now.
 
-        "engine": the engine in use — "gram", "functorch", "rowwise", or "auto" before the first batch
-        has settled it (``sven.nn.engine_choice``); "passed_over": the faster engines "auto" skipped, and
-        why. "fast_layers": layers on the Gram engine's fast path; "fallback_parameters": parameters whose
+        "engine": the engine in use — "taylor", "gram", "functorch", "rowwise", or "auto" before the first
+        batch has settled it (``sven.nn.engine_choice``); "passed_over": the faster engines "auto" skipped, and
+        why. "fast_layers": layers on the Taylor or Gram engine's fast path; "fallback_parameters": parameters whose
         per-sample gradients vmap materialises; "batch_statistics_layers": BatchNorm layers normalising
         with batch statistics (bn_mode="batch", train mode). While there is one, or on the "rowwise"
         engine, every parameter is in "coupled_parameters": M (B × P) is materialised from one forward
@@ -312,6 +321,8 @@ class SvenWrapper:
         engine = "auto" if self.engine_choice is None else self.engine_choice.engine
         if coupled or engine == "rowwise":
             plan = {"fast_layers": [], "fallback_parameters": [], "coupled_parameters": list(self.params.names)}
+        elif engine == "taylor":
+            plan = {"fast_layers": taylor_layers(self.model), "fallback_parameters": [], "coupled_parameters": []}
         elif engine == "functorch":
             plan = {"fast_layers": [], "fallback_parameters": list(self.params.names), "coupled_parameters": []}
         else:

@@ -29,7 +29,10 @@ class CollocationResidual(nn.Module):
         self.laplacian_dims = None if laplacian_dims is None else tuple(laplacian_dims)
 
     def forward(self, x: Tensor) -> Tensor:
-        taylor = derivatives(self.net, x, self.laplacian_dims)
+        return self.compose(derivatives(self.net, x, self.laplacian_dims))
+
+    def compose(self, taylor: Derivatives) -> Tensor:
+        """(L[u], u) (B, 2) from u's derivatives at the points (the Taylor engine calls it on its own streams)."""
         return torch.stack([self.operator(taylor), taylor.value[:, 0]], dim=1)
 
 

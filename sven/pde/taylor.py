@@ -77,7 +77,7 @@ def _check_network(net: nn.Module) -> None:
             )
 
 
-def _laplacian_index(laplacian_dims: Sequence[int] | None, dims: int, device: torch.device) -> Tensor | None:
+def laplacian_index(laplacian_dims: Sequence[int] | None, dims: int, device: torch.device) -> Tensor | None:
     """The coordinates of the Laplacian as an index tensor, or None for all ``dims``."""
     if laplacian_dims is None:
         return None
@@ -100,7 +100,7 @@ def derivatives(net: nn.Sequential, x: Tensor, laplacian_dims: Sequence[int] | N
     if x.dim() != 2:
         raise ValueError(f"x must be a batch of points (B, d); got shape {tuple(x.shape)}")
     batch, dims = x.shape
-    index = _laplacian_index(laplacian_dims, dims, x.device)
+    index = laplacian_index(laplacian_dims, dims, x.device)
     eye = torch.eye(dims, dtype=x.dtype, device=x.device)
     streams = _Streams(x[:, None], eye.expand(batch, dims, dims), x.new_zeros(batch, 1, dims))
     for module in net:
