@@ -16,7 +16,7 @@ from sven.nn import SvenWrapper
 from sven.opt import Sven
 from sven.pde import CollocationResidual, condition_losses, condition_weights, derivatives, negative_laplacian
 from sven.pde.activations import activation_rule, third_derivative_rule
-from sven.pde.jacobian import taylor_engine_refusal, taylor_jacobian
+from sven.pde.jacobian import taylor_engine_refusal, taylor_jacobian, taylor_predictions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -299,3 +299,15 @@ def test_taylor_engine_steps_residual_fn_rows_as_the_functorch_engine(residual_f
         optimizer.step(poisson_batch(10, 4))
         steps.append(flat_parameters(model) - before)
     assert relative_error(steps[0], steps[1]) <= 1e-9
+
+
+def test_losses_between_taylor_jacobians_round_as_the_jacobians_losses() -> None:
+    """On the Taylor engine the loss-only pass (line search, adaptive damping) runs its forward, not the module's:
+    the same numbers bit for bit as the losses loss_and_grad returns, and the module's to rounding."""
+    model, batch = poisson_model([2, 8, 8, 1]), poisson_batch(10, 4)
+    wrapped = SvenWrapper(model, condition_losses, kappa=1.0)
+    losses, _ = wrapped.loss_and_grad(batch)
+    assert wrapped.engine_plan()["engine"] == "taylor"
+    assert torch.equal(wrapped.batch_losses(batch), losses)
+    with torch.no_grad():
+        assert relative_error(taylor_predictions(model, batch[0]), model(batch[0])) <= 1e-13

@@ -35,7 +35,7 @@ from sven.nn.engine_choice import (
 )
 from sven.nn.residual_rows import ResidualFn, ResidualRows, residual_width, signed_rows
 from sven.nn.residuals import residuals_and_row_map
-from sven.pde.jacobian import taylor_engine_refusal, taylor_jacobian, taylor_layers
+from sven.pde.jacobian import taylor_engine_refusal, taylor_jacobian, taylor_layers, taylor_predictions
 
 ENGINES = ("auto", *AUTO_CANDIDATES)
 
@@ -301,7 +301,8 @@ class SvenWrapper:
     def _batch_losses(self, batch: tuple) -> Tensor:
         inputs, targets, *extra = batch
         with self.batchnorm.loss_pass():
-            preds = self.model(inputs)
+            on_taylor = self.engine_choice is not None and self.engine_choice.engine == "taylor"
+            preds = taylor_predictions(self.model, inputs) if on_taylor else self.model(inputs)
         if self.residual_fn is not None:
             return self._rows_of(batch).batch_losses(preds, targets, *extra)
         return check_per_sample_losses(self.loss_fn(preds, targets, *extra), targets.shape[0])

@@ -185,21 +185,40 @@ def taylor_jacobian(model: CollocationResidual, loss_fn: LossFn, batch: tuple, p
     ``taylor_engine_refusal(model, params)`` must be None.
     """
     inputs, targets, *extra = batch
-    if inputs.dim() != 2:
-        raise ValueError(f"x must be a batch of points (B, d); got shape {tuple(inputs.shape)}")
-    batch_size, d = inputs.shape
-    dims = laplacian_index(model.laplacian_dims, d, inputs.device)
-    with torch.no_grad():
-        streams, tape = _forward(model.net, inputs, dims)
-    zero = torch.zeros_like(streams.value)
-    leaves = [streams.value.detach().requires_grad_(),
-              streams.gradient.expand(batch_size, -1, -1).transpose(1, 2).detach().requires_grad_(),
-              (zero if streams.laplacian is None else streams.laplacian).detach().requires_grad_()]
+    streams, tape, dims = _forward_of(model, inputs)
+    leaves = [tensor.requires_grad_() for tensor in _output(streams)]
     with torch.enable_grad():
         preds = model.compose(Derivatives(*leaves))
-        losses = check_per_sample_losses(loss_fn(preds, targets, *extra), batch_size)
+        losses = check_per_sample_losses(loss_fn(preds, targets, *extra), inputs.shape[0])
         grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
     value, gradient, laplacian = (torch.zeros_like(leaf) if grad is None else grad for grad, leaf in zip(grads, leaves))
     with torch.no_grad():
         blocks = _blocks(tape, _Streams(value, gradient.transpose(1, 2), laplacian), params, dims)
-    return losses.detach(), preds.detach(), GramJacobian(blocks, params, batch_size)
+    return losses.detach(), preds.detach(), GramJacobian(blocks, params, inputs.shape[0])
+
+
+@torch.no_grad()
+def taylor_predictions(model: CollocationResidual, x: Tensor) -> Tensor:
+    """``model(x)`` (B, 2) by the Taylor engine's forward pass, so that losses evaluated between its Jacobians
+    (line search, adaptive damping) round as the losses it returns do; cheaper than the module's forward,
+    which calls each Linear on stacked streams for the Gram engine's hooks."""
+    return model.compose(Derivatives(*_output(_forward_of(model, x)[0])))
+
+
+def _forward_of(model: CollocationResidual, x: Tensor
+                ) -> tuple[_Streams, list[_LinearTape | _ActivationTape], Tensor | None]:
+    """The output streams and tape of ``model.net`` at x (B, d), and the Laplacian's coordinates."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be a batch of points (B, d); got shape {tuple(x.shape)}")
+    dims = laplacian_index(model.laplacian_dims, x.shape[1], x.device)
+    with torch.no_grad():
+        streams, tape = _forward(model.net, x, dims)
+    return streams, tape, dims
+
+
+def _output(streams: _Streams) -> tuple[Tensor, Tensor, Tensor]:
+    """u (B, out), ∂u (B, out, d) and Δu (B, out) of the output streams, detached (Δu zero when it is None)."""
+    batch = streams.value.shape[0]
+    laplacian = torch.zeros_like(streams.value) if streams.laplacian is None else streams.laplacian
+    return (streams.value.detach(), streams.gradient.expand(batch, -1, -1).transpose(1, 2).detach(),
+            laplacian.detach())
