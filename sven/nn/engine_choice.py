@@ -117,4 +117,5 @@ def rowwise_cost(choice: EngineChoice, shape: tuple[int, int]) -> str:
     return (f"engine 'auto' took 'rowwise' ({reasons}). It materialises M ({rows} × {cols}) from one backward "
             f"pass per row, about {rows}× an ordinary backward at every step. A PDE residual built on "
             "sven.pde.derivatives (an nn.Sequential of Linear layers and elementwise activations) runs on the Gram "
-            "engine, and one written with torch.func transforms on 'functorch'.")
+            "engine (as a sven.pde.CollocationResidual, on the faster Taylor engine), and one written with "
+            "torch.func transforms on 'functorch'.")
