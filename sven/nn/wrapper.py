@@ -272,8 +272,10 @@ class SvenWrapper:
     def _run_engine(self, name: str, loss_fn: Callable[..., Tensor], batch: tuple, columns: Tensor | None
                     ) -> tuple[Tensor, Tensor, JacobianOperator]:
         if name in ("taylor", "gram"):
-            values, preds, operator = (taylor_jacobian(self.model, loss_fn, batch, self.params) if name == "taylor"
-                                       else self._gram_engine.compute(loss_fn, batch))
+            if name == "taylor":
+                values, preds, operator = taylor_jacobian(self.model, loss_fn, batch, self.params)
+            else:
+                values, preds, operator = self._gram_engine.compute(loss_fn, batch)
             return values, preds, operator if columns is None else MaskedJacobian(operator, columns)
         if name == "functorch":
             check_no_batch_coupling(self.model)

@@ -34,7 +34,7 @@ from sven.jacobian.gram_engine import GramJacobian
 from sven.jacobian.params import ParamSpace
 from sven.pde.activations import activation_rule, third_derivative_rule
 from sven.pde.residuals import CollocationResidual
-from sven.pde.taylor import Derivatives, laplacian_index
+from sven.pde.taylor import Derivatives, chosen_coordinates, laplacian_index
 
 
 @dataclass
@@ -59,9 +59,8 @@ class _LinearTape:
 
 @dataclass
 class _ActivationTape:
-    first: Tensor  # σ'(h) (B, w)
-    second: Tensor  # σ''(h)
-    third: Tensor  # σ'''(h)
+    module: nn.Module
+    jet: tuple[Tensor, Tensor, Tensor]  # σ(h), σ'(h), σ''(h) (B, w)
     pre: _Streams  # h, ∂h, Δh
     squares: Tensor  # Q = Σ_{k in dims} (∂_k h)² (B, w), or (1, w) while ∂h is the same for every sample
 
@@ -89,10 +88,6 @@ def taylor_layers(model: CollocationResidual) -> list[str]:
     return [f"{name} (Linear)" for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def _chosen(gradient: Tensor, dims: Tensor | None) -> Tensor:
-    return gradient if dims is None else gradient.index_select(1, dims)
-
-
 def _linear(layer: nn.Linear, streams: _Streams) -> _Streams:
     value = streams.value @ layer.weight.T
     if layer.bias is not None:
@@ -102,13 +97,12 @@ def _linear(layer: nn.Linear, streams: _Streams) -> _Streams:
 
 
 def _activation(module: nn.Module, pre: _Streams, dims: Tensor | None) -> tuple[_Streams, _ActivationTape]:
-    value, first, second = activation_rule(module)(module, pre.value)
-    chosen = _chosen(pre.gradient, dims)
+    jet = activation_rule(module)(module, pre.value)
+    value, first, second = jet
+    chosen = chosen_coordinates(pre.gradient, dims)
     squares = (chosen * chosen).sum(dim=1)
     laplacian = second * squares if pre.laplacian is None else first * pre.laplacian + second * squares
-    tape = _ActivationTape(first, second, third_derivative_rule(module)(module, pre.value, (value, first, second)),
-                           pre, squares)
-    return _Streams(value, first[:, None] * pre.gradient, laplacian), tape
+    return _Streams(value, first[:, None] * pre.gradient, laplacian), _ActivationTape(module, jet, pre, squares)
 
 
 def _forward(net: nn.Sequential, x: Tensor, dims: Tensor | None
@@ -128,20 +122,21 @@ def _forward(net: nn.Sequential, x: Tensor, dims: Tensor | None
 
 
 def _activation_adjoint(step: _ActivationTape, adjoint: _Streams, dims: Tensor | None) -> _Streams:
-    """The adjoint of h, ∂h and Δh from that of a, ∂a and Δa (Δh's None when Δh is zero)."""
+    """The adjoint of h, ∂h and Δh from that of a, ∂a and Δa (Δh's None when Δh is zero). σ''' is taken
+    here, so that a forward pass without a reverse pass (``taylor_predictions``) does not pay for it."""
     pre, lap_bar = step.pre, adjoint.laplacian
-    curvature = step.third * step.squares
+    _, first, second = step.jet
+    curvature = third_derivative_rule(step.module)(step.module, pre.value, step.jet) * step.squares
     if pre.laplacian is not None:
-        curvature = curvature + step.second * pre.laplacian
-    value = (adjoint.value * step.first + step.second * (adjoint.gradient * pre.gradient).sum(dim=1)
-             + lap_bar * curvature)
-    gradient = adjoint.gradient * step.first[:, None]
-    spread = 2 * (lap_bar * step.second)[:, None]
+        curvature = curvature + second * pre.laplacian
+    value = adjoint.value * first + second * (adjoint.gradient * pre.gradient).sum(dim=1) + lap_bar * curvature
+    gradient = adjoint.gradient * first[:, None]
+    spread = 2 * (lap_bar * second)[:, None]
     if dims is None:
         gradient = gradient + spread * pre.gradient
     else:
-        gradient = gradient.index_add(1, dims, spread * pre.gradient.index_select(1, dims))
-    return _Streams(value, gradient, None if pre.laplacian is None else lap_bar * step.first)
+        gradient = gradient.index_add(1, dims, spread * chosen_coordinates(pre.gradient, dims))
+    return _Streams(value, gradient, None if pre.laplacian is None else lap_bar * first)
 
 
 def _linear_adjoint(layer: nn.Linear, adjoint: _Streams) -> _Streams:
@@ -197,7 +192,6 @@ def taylor_jacobian(model: CollocationResidual, loss_fn: LossFn, batch: tuple, p
     return losses.detach(), preds.detach(), GramJacobian(blocks, params, inputs.shape[0])
 
 
-@torch.no_grad()
 def taylor_predictions(model: CollocationResidual, x: Tensor) -> Tensor:
     """``model(x)`` (B, 2) by the Taylor engine's forward pass, so that losses evaluated between its Jacobians
     (line search, adaptive damping) round as the losses it returns do; cheaper than the module's forward,

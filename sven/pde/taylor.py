@@ -58,7 +58,7 @@ def _activation(module: nn.Module, streams: _Streams, dims: Tensor | None) -> _S
     """a = σ(h): ∂a = σ'(h) ∂h, Δa = σ'(h) Δh + σ''(h) Σ_{k in dims} (∂_k h)²."""
     rule = activation_rule(module)
     value, first, second = rule(module, streams.value)
-    chosen = streams.gradient if dims is None else streams.gradient.index_select(1, dims)
+    chosen = chosen_coordinates(streams.gradient, dims)
     squares = (chosen * chosen).sum(dim=1, keepdim=True)
     return _Streams(value, first * streams.gradient, first * streams.laplacian + second * squares)
 
@@ -75,6 +75,11 @@ def _check_network(net: nn.Module) -> None:
                 f"sven.pde.derivatives cannot propagate Taylor streams through module '{name}' "
                 f"({type(module).__name__}); supported: Linear, {', '.join(supported_activations())}"
             )
+
+
+def chosen_coordinates(gradient: Tensor, dims: Tensor | None) -> Tensor:
+    """The Laplacian's coordinates of a gradient stream (B, d, w): (B, |dims|, w), all d for None."""
+    return gradient if dims is None else gradient.index_select(1, dims)
 
 
 def laplacian_index(laplacian_dims: Sequence[int] | None, dims: int, device: torch.device) -> Tensor | None:
