@@ -16,6 +16,8 @@ The floor of an exact step on the eigh and Cholesky routes is timed in the same 
 alone (no derivatives), Mᵀ M of the functorch engine's M by ``column_gram`` and ``top_eigh`` (or the Cholesky) of
 it. Any engine computing the same step does at least that work, so floor / (functorch whole step) bounds the
 ratio from below (a free backward pass and a free M included).
+Then each engine's peak memory over steps on the eigh route (``step_cost.step_peak_memory_mb``: glibc's heap in
+use above what a first step left).
 Writes benchmarks/results/pinn_step_cpu.json.
 """
 
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from step_cost import step_peak_memory_mb
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
@@ -124,6 +127,10 @@ def main() -> None:
         for part, ms in floor_parts(model, batch, jacobian).items():
             floors.setdefault(part, []).append(ms)
     floor_ms = {part: statistics.median(values[1:]) for part, values in floors.items()}
+    memory_route = next(iter(configs))
+    peak_mb = {engine: step_peak_memory_mb(lambda timed=configs[memory_route][engine]: timed.run(batch),
+                                           torch.device("cpu"))
+               for engine in ENGINES}
     rows = []
     for (form, route), engines in configs.items():
         reference = engines[REFERENCE].times["total"][1:]
@@ -161,8 +168,10 @@ def main() -> None:
     for row in rows:
         if "floor ms" in row:
             print(f"| {row['form']} | {row['route']} | {row['floor ms']:.1f} ms | {row['floor / functorch']:.2f} |")
-    write_json(RESULT, {"rounds": args.rounds, "rows": rows, "floor_ms": floor_ms, "load_average": load,
-                        "environment": environment("cpu")})
+    print(f"peak memory of a step ({memory_route[0]}, {memory_route[1]}), MB: "
+          + ", ".join(f"{engine} {mb:.1f}" for engine, mb in peak_mb.items()))
+    write_json(RESULT, {"rounds": args.rounds, "rows": rows, "floor_ms": floor_ms, "peak_memory_mb": peak_mb,
+                        "load_average": load, "environment": environment("cpu")})
     print(f"wrote {RESULT}")
 
 
